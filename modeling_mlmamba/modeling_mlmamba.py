@@ -1,0 +1,304 @@
+"""ML-Mamba: image -> two vision towers -> Mamba-2 Scan Connector -> projector -> Mamba-2 language model.
+
+Read top to bottom: the vision tower, the projector, the base model that merges image features into the
+token sequence, and the generation head. The connector lives in `connector.py`, the scan in `ssd.py`.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.models.mamba2.modeling_mamba2 import Mamba2CausalLMOutput, Mamba2Output
+
+from .configuration_mlmamba import MLMambaConfig
+from .connector import GatedRMSNorm, MLMambaConnector, ScanDirection
+
+# transformers up to 5.2x passes a Mamba cache as `cache_params`, later releases call it `cache`; the
+# language model's own output class tells us which name this installation uses.
+CACHE_NAME = "cache" if "cache" in Mamba2CausalLMOutput.__dataclass_fields__ else "cache_params"
+
+
+@dataclass
+class MLMambaModelOutput(Mamba2Output):
+    """The LM's output plus the projected image features of this forward (None when no image was given)."""
+
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class MLMambaCausalLMOutput(Mamba2CausalLMOutput):
+    """Loss, logits and recurrent cache, plus the projected image features of this forward."""
+
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+class MLMambaVisionTower(nn.Module):
+    """DINOv2-with-registers and SigLIP side by side: patch features of one layer, concatenated on channels.
+
+    `pixel_values` is (images, 2, 3, H, W): index 0 normalised for DINOv2, index 1 for SigLIP, so both
+    towers' inputs travel as one tensor through `generate()` and the processor.
+    """
+
+    def __init__(self, config: MLMambaConfig):
+        super().__init__()
+        self.dino = AutoModel.from_config(config.dino_config)
+        self.siglip = AutoModel.from_config(config.siglip_config)
+        self.feature_layer = config.vision_feature_layer
+        # The released model uses patch tokens only: DINOv2 puts CLS and its registers first.
+        self.dino_prefix_tokens = 1 + config.dino_config.num_register_tokens
+        self.image_size = (config.dino_config.image_size, config.siglip_config.image_size)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.ndim != 5 or pixel_values.shape[1:3] != (2, 3):
+            raise ValueError(
+                "pixel_values must have shape (images, 2, 3, height, width): one DINOv2- and one "
+                f"SigLIP-normalised copy of each RGB image; got {tuple(pixel_values.shape)}"
+            )
+        for tower_size in self.image_size:
+            if pixel_values.shape[-2:] != (tower_size, tower_size):
+                raise ValueError(
+                    f"pixel_values are {tuple(pixel_values.shape[-2:])} pixels but the vision towers expect "
+                    f"{tower_size}x{tower_size}; resize the images (the processor does this)"
+                )
+        trainable = any(p.requires_grad for p in self.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
+            dino = self.dino(pixel_values[:, 0].to(self.dino.dtype), output_hidden_states=True)
+            siglip = self.siglip(pixel_values[:, 1].to(self.siglip.dtype), output_hidden_states=True)
+        dino_patches = dino.hidden_states[self.feature_layer][:, self.dino_prefix_tokens :]
+        siglip_patches = siglip.hidden_states[self.feature_layer]
+        return torch.cat([dino_patches, siglip_patches.to(dino_patches.dtype)], dim=-1)
+
+
+class MLMambaProjector(nn.Module):
+    """Connector output -> LM embedding width. `fused-gelu-mlp` (released) is Linear-GELU-Linear-GELU-Linear."""
+
+    def __init__(self, config: MLMambaConfig):
+        super().__init__()
+        source, target = config.connector_hidden_size, config.text_config.hidden_size
+        if config.projector_type == "fused-gelu-mlp":
+            layers = [nn.Linear(source, 4 * target), nn.GELU(), nn.Linear(4 * target, target), nn.GELU(),
+                      nn.Linear(target, target)]
+        elif config.projector_type == "gelu-mlp":
+            layers = [nn.Linear(source, target), nn.GELU(), nn.Linear(target, target)]
+        else:
+            layers = [nn.Linear(source, target)]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.layers(hidden_states)
+
+
+class MLMambaPreTrainedModel(PreTrainedModel):
+    config_class = MLMambaConfig
+    config: MLMambaConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = [
+        "Mamba2Block", "MLMambaConnectorBlock", "Dinov2WithRegistersLayer", "SiglipEncoderLayer",
+    ]
+    _supports_sdpa = True
+    _is_stateful = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, ScanDirection):
+            # Mamba-2's initialisation: A = -[1..heads], D = 1, dt spread log-uniformly over [1e-3, 1e-1].
+            heads = module.A_log.shape[0]
+            init.copy_(module.A_log, torch.log(torch.arange(1, heads + 1, dtype=torch.float32)))
+            init.ones_(module.D)
+            dt = torch.exp(torch.rand(heads) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
+            init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))
+            init.kaiming_uniform_(module.conv1d.weight, a=math.sqrt(5))
+            init.zeros_(module.conv1d.bias)
+        elif isinstance(module, GatedRMSNorm):
+            init.ones_(module.weight)
+
+
+class MLMambaModel(MLMambaPreTrainedModel):
+    """Vision tower, connector, projector and the Mamba-2 backbone (no LM head)."""
+
+    def __init__(self, config: MLMambaConfig):
+        super().__init__(config)
+        self.vision_tower = MLMambaVisionTower(config)
+        self.connector = MLMambaConnector(config)
+        self.projector = MLMambaProjector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected image features, (images, image_seq_length, text hidden size), ready to be placed in the LM."""
+        features = self.vision_tower(pixel_values)
+        features = features.to(self.projector.layers[0].weight.dtype)
+        return self.projector(self.connector(features))
+
+    def image_placeholder_mask(self, input_ids, inputs_embeds) -> torch.Tensor:
+        """Where the image placeholder tokens are: (batch, length) booleans."""
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        placeholder = self.get_input_embeddings()(
+            torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
+        )
+        return (inputs_embeds == placeholder).all(-1)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        cache=None,
+        cache_params=None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> MLMambaModelOutput:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(images, 2, 3, height, width)`, *optional*):
+            Each image normalised for DINOv2 (index 0) and for SigLIP (index 1); `MLMambaProcessor` makes them.
+            Their features replace the `config.image_token_id` placeholders of the prompts, in order.
+        cache / cache_params (`Cache`, *optional*):
+            The recurrent state of the language model; `cache_params` is the name older transformers use.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        cache = cache if cache is not None else cache_params
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        image_features = None
+        placeholders = self.image_placeholder_mask(input_ids, inputs_embeds)
+        if pixel_values is not None:
+            image_features = self.get_image_features(pixel_values)
+            inputs_embeds = self.merge_image_features(inputs_embeds, placeholders, image_features)
+        elif placeholders.any() and cache is None:
+            raise ValueError(
+                f"the prompt has {int(placeholders.sum())} image placeholder tokens but no pixel_values were given"
+            )
+
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **{CACHE_NAME: cache},
+        )
+        return MLMambaModelOutput(
+            last_hidden_state=outputs.last_hidden_state,
+            hidden_states=outputs.hidden_states,
+            image_hidden_states=image_features,
+            **{CACHE_NAME: outputs[CACHE_NAME] if CACHE_NAME in outputs else None},
+        )
+
+    def merge_image_features(self, inputs_embeds, placeholders, image_features) -> torch.Tensor:
+        """Write the image features, image after image, into the placeholder positions of the sequence."""
+        num_features = image_features.shape[0] * image_features.shape[1]
+        num_placeholders = int(placeholders.sum())
+        if num_placeholders != num_features:
+            raise ValueError(
+                f"the prompts have {num_placeholders} image placeholder tokens but {image_features.shape[0]} image(s) "
+                f"give {num_features} image features ({image_features.shape[1]} per image); the processor expands "
+                "each placeholder to exactly that many tokens"
+            )
+        mask = placeholders[..., None].expand_as(inputs_embeds)
+        return inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))
+
+
+class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
+    """ML-Mamba with its language-modelling head: `forward` for training and scoring, `generate` for answers."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embeddings.weight"}
+
+    def __init__(self, config: MLMambaConfig):
+        super().__init__(config)
+        self.model = MLMambaModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.get_image_features(pixel_values)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        cache=None,
+        cache_params=None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> MLMambaCausalLMOutput:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch, length)`, *optional*):
+            Next-token targets, aligned with `input_ids` (shifted inside). -100 is ignored, and so are the image
+            placeholder positions whatever their label.
+        logits_to_keep (`int` or `torch.Tensor`, *optional*):
+            Compute logits for only the last `logits_to_keep` positions (0: all); `generate()` sets 1.
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            cache=cache if cache is not None else cache_params,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states.to(self.lm_head.weight.dtype)).float()
+
+        loss = None
+        if labels is not None:
+            if input_ids is not None:
+                labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
+                                      **kwargs)
+
+        return MLMambaCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            image_hidden_states=outputs.image_hidden_states,
+            **{CACHE_NAME: outputs[CACHE_NAME] if CACHE_NAME in outputs else None},
+        )
+
+    def prepare_inputs_for_generation(self, input_ids, is_first_iteration=False, **kwargs):
+        """After the first step the images are already in the recurrent state: drop the pixels and the mask."""
+        model_inputs = super().prepare_inputs_for_generation(input_ids, is_first_iteration=is_first_iteration, **kwargs)
+        if kwargs.get("use_cache", True) and not is_first_iteration:
+            model_inputs.pop("pixel_values", None)
+            model_inputs["attention_mask"] = None
+        return model_inputs
+
+
+__all__ = ["MLMambaForConditionalGeneration", "MLMambaModel", "MLMambaPreTrainedModel"]
