@@ -39,6 +39,9 @@ SIGLIP_DEFAULTS = dict(
     patch_size=14,
     layer_norm_eps=1e-6,
     vision_use_head=False,
+    # The released model ran timm's `vit_so400m_patch14_siglip_384`, whose MLP uses exact (erf) GELU,
+    # not transformers' SigLIP default `gelu_pytorch_tanh`.
+    hidden_act="gelu",
 )
 TEXT_DEFAULTS = dict(
     model_type="mamba2",

@@ -1,0 +1,1 @@
+"""Conversion of the released ML-Mamba weights (original checkpoint + timm vision towers) to this package."""

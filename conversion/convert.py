@@ -1,0 +1,139 @@
+"""The conversion from end to end: read the sources, map them, validate against the model, write a Hub folder.
+
+Validation goes through the model's own loading path (`from_pretrained` with a state dict), so the saved names
+that `mapping` produces are checked against what this transformers version really builds, renames included.
+The output folder appears only when complete: everything is written to a hidden sibling folder first.
+"""
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
+
+from modeling_mlmamba import MLMambaConfig, MLMambaForConditionalGeneration
+
+from .mapping import ConversionError, Converted, map_all
+from .sources import build_config, load_original_checkpoint, load_timm_state_dict, load_tokenizer, read_run_config
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cast_tensors(converted: Converted, dtype: torch.dtype) -> tuple[dict, list[str]]:
+    """Every converted tensor in `dtype` and contiguous (the qkv splits are views); non-float tensors are problems."""
+    tensors, problems = {}, []
+    for name, tensor in tqdm(converted.tensors.items(), desc="Converting tensors", unit="tensor"):
+        if not tensor.is_floating_point():
+            problems.append(f"{name} (from {converted.origins[name]}) has dtype {tensor.dtype}, not a float dtype")
+            continue
+        tensors[name] = tensor.to(dtype).contiguous()
+    return tensors, problems
+
+
+def load_validated_model(config: MLMambaConfig, converted: Converted, dtype: torch.dtype):
+    """The model filled with the converted tensors, or a `ConversionError` listing every problem found.
+
+    transformers reports what it could not place: parameters without a tensor (it would initialise them at
+    random), tensors without a parameter, and shape mismatches. They are raised together with the mapping's
+    problems, so that no random initialisation survives into an output folder.
+    """
+    tensors, problems = cast_tensors(converted, dtype)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its loading report would repeat, less precisely, the problems we raise
+    try:
+        model, info = MLMambaForConditionalGeneration.from_pretrained(
+            None, config=config, state_dict=tensors, dtype=dtype, output_loading_info=True,
+            ignore_mismatched_sizes=True,
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    problems = converted.problems + problems
+    problems += [f"model parameter {name} has no source tensor" for name in sorted(info["missing_keys"])]
+    problems += [
+        f"{name} (from {converted.origins.get(name, 'the conversion')}) is not a parameter of the model"
+        for name in sorted(info["unexpected_keys"])
+    ]
+    problems += [
+        f"{name} (from {converted.origins.get(name, 'the conversion')}) has shape {tuple(source)} but the model "
+        f"expects {tuple(target)}"
+        for name, source, target in sorted(info["mismatched_keys"])
+    ]
+    problems += [str(message) for message in info["error_msgs"]]
+    problems += [
+        f"model tensor {name} is {tensor.dtype} after loading, not {dtype}"
+        for name, tensor in model.state_dict().items()
+        if tensor.dtype != dtype
+    ]
+    if problems:
+        raise ConversionError(problems)
+    return model.eval()
+
+
+def check_output_free(output: Path) -> None:
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise ConversionError([f"the output {output} already exists and is not an empty folder; remove it or "
+                               "choose another --output"])
+
+
+def write_hub_folder(output: Path, model, tokenizer, max_shard_size: str) -> Path:
+    """Model (sharded safetensors, config, remote code) and tokenizer, written to a hidden sibling then renamed."""
+    check_output_free(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        model.save_pretrained(staging, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(staging)
+        if output.exists():
+            output.rmdir()  # empty, checked above
+        staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output
+
+
+def push_folder(folder: Path, repo_id: str) -> None:
+    """Upload a finished output folder to the Hub (creating the model repo if needed)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Convert the released ML-Mamba weights")
+
+
+def convert(
+    checkpoint,
+    run_config,
+    dino: str,
+    siglip: str,
+    tokenizer: str,
+    output,
+    dtype: str = "float32",
+    dino_config: dict | None = None,
+    siglip_config: dict | None = None,
+    text_config: dict | None = None,
+    connector_config: dict | None = None,
+    max_shard_size: str = "5GB",
+    push_to_hub: str | None = None,
+) -> Path:
+    """Convert the released checkpoint and its vision towers into a complete Hub folder at `output`."""
+    output = Path(output)
+    check_output_free(output)
+    if dtype not in DTYPES:
+        raise ConversionError([f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}"])
+    run = read_run_config(run_config)
+    config = build_config(run, dino_config, siglip_config, text_config, connector_config)
+    text_tokenizer = load_tokenizer(tokenizer, config, run.get("llm_max_length"))
+    converted = map_all(
+        config,
+        load_original_checkpoint(checkpoint),
+        load_timm_state_dict(dino, "DINOv2"),
+        load_timm_state_dict(siglip, "SigLIP"),
+    )
+    model = load_validated_model(config, converted, DTYPES[dtype])
+    write_hub_folder(output, model, text_tokenizer, max_shard_size)
+    if push_to_hub:
+        push_folder(output, push_to_hub)
+    return output
