@@ -94,6 +94,7 @@ class MLMambaConfig(PretrainedConfig):
         connector_norm_eps (`float`): epsilon of the connector's LayerNorms and gated RMSNorm.
         projector_type (`"fused-gelu-mlp"`, `"gelu-mlp"` or `"linear"`): the projector after the connector.
         image_token_id (`int`): the placeholder token that the model replaces with image features.
+        initializer_range (`float`): std of the normal init of our linear and embedding weights (towers keep theirs).
     """
 
     model_type = "mlmamba"
@@ -117,6 +118,7 @@ class MLMambaConfig(PretrainedConfig):
     connector_norm_eps: float = 1e-5
     projector_type: Literal["fused-gelu-mlp", "gelu-mlp", "linear"] = "fused-gelu-mlp"
     image_token_id: int = DEFAULT_IMAGE_TOKEN_ID
+    initializer_range: float = 0.02
     tie_word_embeddings: bool = True
 
     def __post_init__(self, **kwargs):

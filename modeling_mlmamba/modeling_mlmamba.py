@@ -9,12 +9,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, DynamicCache, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.models.mamba2.modeling_mamba2 import Mamba2CausalLMOutput, Mamba2Output
 
 from .configuration_mlmamba import MLMambaConfig
-from .connector import GatedRMSNorm, MLMambaConnector, ScanDirection
+from .connector import MLMambaConnector, ScanDirection
+from .mamba2 import CausalMamba2Mixer, GatedRMSNorm, Mamba2LanguageModel, RMSNorm
 
 # transformers up to 5.2x passes a Mamba cache as `cache_params`, later releases call it `cache`; the
 # language model's own output class tells us which name this installation uses.
@@ -98,14 +99,14 @@ class MLMambaPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = [
-        "Mamba2Block", "MLMambaConnectorBlock", "Dinov2WithRegistersLayer", "SiglipEncoderLayer",
+        "Mamba2LMBlock", "MLMambaConnectorBlock", "Dinov2WithRegistersLayer", "SiglipEncoderLayer",
     ]
     _supports_sdpa = True
     _is_stateful = True
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, ScanDirection):
+        if isinstance(module, (ScanDirection, CausalMamba2Mixer)):
             # Mamba-2's initialisation: A = -[1..heads], D = 1, dt spread log-uniformly over [1e-3, 1e-1].
             heads = module.A_log.shape[0]
             init.copy_(module.A_log, torch.log(torch.arange(1, heads + 1, dtype=torch.float32)))
@@ -114,7 +115,7 @@ class MLMambaPreTrainedModel(PreTrainedModel):
             init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))
             init.kaiming_uniform_(module.conv1d.weight, a=math.sqrt(5))
             init.zeros_(module.conv1d.bias)
-        elif isinstance(module, GatedRMSNorm):
+        elif isinstance(module, (GatedRMSNorm, RMSNorm)):
             init.ones_(module.weight)
 
 
@@ -126,7 +127,7 @@ class MLMambaModel(MLMambaPreTrainedModel):
         self.vision_tower = MLMambaVisionTower(config)
         self.connector = MLMambaConnector(config)
         self.projector = MLMambaProjector(config)
-        self.language_model = AutoModel.from_config(config.text_config)
+        self.language_model = Mamba2LanguageModel(config.text_config)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -185,19 +186,20 @@ class MLMambaModel(MLMambaPreTrainedModel):
                 f"the prompt has {int(placeholders.sum())} image placeholder tokens but no pixel_values were given"
             )
 
-        outputs = self.language_model(
-            inputs_embeds=inputs_embeds,
+        use_cache = use_cache if use_cache is not None else (self.config.text_config.use_cache and not self.training)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config.text_config)
+        last_hidden_state, hidden_states = self.language_model(
+            inputs_embeds,
+            cache=cache if use_cache else None,
             attention_mask=attention_mask,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-            **{CACHE_NAME: cache},
+            output_hidden_states=output_hidden_states or self.config.output_hidden_states,
         )
         return MLMambaModelOutput(
-            last_hidden_state=outputs.last_hidden_state,
-            hidden_states=outputs.hidden_states,
+            last_hidden_state=last_hidden_state,
+            hidden_states=hidden_states,
             image_hidden_states=image_features,
-            **{CACHE_NAME: outputs[CACHE_NAME] if CACHE_NAME in outputs else None},
+            **{CACHE_NAME: cache if use_cache else None},
         )
 
     def merge_image_features(self, inputs_embeds, placeholders, image_features) -> torch.Tensor:
