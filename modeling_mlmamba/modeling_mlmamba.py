@@ -15,6 +15,7 @@ from transformers.models.mamba2.modeling_mamba2 import Mamba2CausalLMOutput, Mam
 
 from .configuration_mlmamba import MLMambaConfig
 from .connector import MLMambaConnector, ScanDirection
+from .decode_graphs import DecodeGraphs
 from .mamba2 import CausalMamba2Mixer, GatedRMSNorm, Mamba2LanguageModel, RMSNorm
 
 # transformers up to 5.2x passes a Mamba cache as `cache_params`, later releases call it `cache`; the
@@ -220,12 +221,35 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
     """ML-Mamba with its language-modelling head: `forward` for training and scoring, `generate` for answers."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embeddings.weight"}
+    # Devices on which one-token decode steps replay a captured graph (see `decode_graphs.py`).
+    decode_graph_devices = ("cuda",)
 
     def __init__(self, config: MLMambaConfig):
         super().__init__(config)
         self.model = MLMambaModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.decode_graphs = DecodeGraphs(self.decode_step, self)
         self.post_init()
+
+    def decode_step(self, input_ids: torch.Tensor, states) -> torch.Tensor:
+        """Logits (batch, vocab) of one token per sequence, updating the per-layer `states` in place."""
+        hidden_states = self.model.language_model.step(input_ids, states)
+        return self.lm_head(hidden_states.to(self.lm_head.weight.dtype)).float()
+
+    def _replays_decode_graph(self, input_ids, cache, **other_inputs) -> bool:
+        """Whether this forward is a plain decode step that the captured graph can take."""
+        return (
+            self.config.use_cuda_graphs
+            and input_ids is not None
+            and input_ids.shape[1] == 1
+            and input_ids.device.type in self.decode_graph_devices
+            and cache is not None
+            and all(value is None or value is False for value in other_inputs.values())
+            and not self.training
+            and not torch.is_grad_enabled()
+            and cache.has_previous_state(0)
+            and not getattr(cache.layers[0], "record_past", False)
+        )
 
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()
@@ -263,12 +287,20 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
         logits_to_keep (`int` or `torch.Tensor`, *optional*):
             Compute logits for only the last `logits_to_keep` positions (0: all); `generate()` sets 1.
         """
+        cache = cache if cache is not None else cache_params
+        if self._replays_decode_graph(
+            input_ids, cache, pixel_values=pixel_values, inputs_embeds=inputs_embeds, labels=labels,
+            output_hidden_states=output_hidden_states,
+        ):
+            logits = self.decode_graphs.step(input_ids, cache)
+            return MLMambaCausalLMOutput(logits=logits[:, None], **{CACHE_NAME: cache})
+
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
-            cache=cache if cache is not None else cache_params,
+            cache=cache,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
         )
