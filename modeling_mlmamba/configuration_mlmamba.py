@@ -97,6 +97,9 @@ class MLMambaConfig(PretrainedConfig):
         connector_norm_eps (`float`): epsilon of the connector's LayerNorms and gated RMSNorm.
         projector_type (`"fused-gelu-mlp"`, `"gelu-mlp"` or `"linear"`): the projector after the connector.
         image_token_id (`int`): the placeholder token that the model replaces with image features.
+        initializer_range (`float`): std of the normal init of our linear and embedding weights (towers keep theirs).
+        use_cuda_graphs (`bool`, defaults to True): on CUDA, `generate()` replays a captured graph of the LM's
+            one-token step (one per batch size). Set `model.config.use_cuda_graphs = False` to decode eagerly.
     """
 
     model_type = "mlmamba"
@@ -120,6 +123,8 @@ class MLMambaConfig(PretrainedConfig):
     connector_norm_eps: float = 1e-5
     projector_type: Literal["fused-gelu-mlp", "gelu-mlp", "linear"] = "fused-gelu-mlp"
     image_token_id: int = DEFAULT_IMAGE_TOKEN_ID
+    initializer_range: float = 0.02
+    use_cuda_graphs: bool = True
     tie_word_embeddings: bool = True
 
     def __post_init__(self, **kwargs):

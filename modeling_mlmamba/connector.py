@@ -10,12 +10,7 @@ from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .configuration_mlmamba import MLMambaConfig
-from .ssd import ssd_scan
-
-try:
-    from causal_conv1d import causal_conv1d_fn
-except ImportError:
-    causal_conv1d_fn = None
+from .mamba2 import GatedRMSNorm, SSMDimensions, causal_conv, selective_scan
 
 
 def scan_orders(scan: str, rows: int, cols: int, device=None) -> torch.Tensor:
@@ -38,24 +33,6 @@ def inverse_orders(orders: torch.Tensor) -> torch.Tensor:
     return orders.argsort(dim=-1)
 
 
-class GatedRMSNorm(nn.Module):
-    """RMSNorm(x * SiLU(z)) * weight in (at least) float32, per group: mamba_ssm's `RMSNormGated(norm_before_gate=False)`."""
-
-    def __init__(self, hidden_size: int, group_size: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.group_size = group_size
-        self.eps = eps
-
-    def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        dtype = hidden_states.dtype
-        compute = torch.promote_types(dtype, torch.float32)
-        gated = hidden_states.to(compute) * F.silu(gate.to(compute))
-        grouped = gated.unflatten(-1, (-1, self.group_size))
-        normed = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * normed.flatten(-2)).to(dtype)
-
-
 class ScanDirection(nn.Module):
     """What one scan direction owns: its causal conv, time-step bias, decay rates A and skip D."""
 
@@ -65,14 +42,6 @@ class ScanDirection(nn.Module):
         self.dt_bias = nn.Parameter(torch.zeros(num_heads))
         self.A_log = nn.Parameter(torch.zeros(num_heads))
         self.D = nn.Parameter(torch.ones(num_heads))
-
-    def causal_conv(self, xbc: torch.Tensor) -> torch.Tensor:
-        """Depthwise causal conv + SiLU over (batch, length, channels)."""
-        if causal_conv1d_fn is not None and xbc.is_cuda:
-            weight = self.conv1d.weight.squeeze(1)
-            return causal_conv1d_fn(xbc.transpose(1, 2), weight, self.conv1d.bias, activation="silu").transpose(1, 2)
-        length = xbc.shape[1]
-        return F.silu(self.conv1d(xbc.transpose(1, 2))[..., :length].transpose(1, 2))
 
 
 class MultiScanMamba2Mixer(nn.Module):
@@ -86,47 +55,35 @@ class MultiScanMamba2Mixer(nn.Module):
     def __init__(self, config: MLMambaConfig):
         super().__init__()
         hidden = config.connector_hidden_size
-        self.inner_size = config.connector_expand * hidden
-        self.state_size = config.connector_state_size
-        self.n_groups = config.connector_n_groups
-        self.head_dim = config.connector_head_dim
-        self.num_heads = self.inner_size // self.head_dim
+        self.dims = SSMDimensions(
+            hidden, config.connector_expand, config.connector_head_dim, config.connector_n_groups,
+            config.connector_state_size,
+        )
         self.chunk_size = config.connector_chunk_size
-        self.conv_dim = self.inner_size + 2 * self.n_groups * self.state_size
         self.scan = config.connector_scan
         self.grid = config.image_grid
 
-        self.in_proj = nn.Linear(hidden, self.inner_size + self.conv_dim + self.num_heads, bias=False)
+        self.in_proj = nn.Linear(hidden, self.dims.projection_size, bias=False)
         num_directions = scan_orders(self.scan, *self.grid).shape[0]
         self.directions = nn.ModuleList(
-            ScanDirection(self.conv_dim, config.connector_conv_kernel, self.num_heads) for _ in range(num_directions)
+            ScanDirection(self.dims.conv_dim, config.connector_conv_kernel, self.dims.num_heads)
+            for _ in range(num_directions)
         )
-        self.norm = GatedRMSNorm(self.inner_size, self.inner_size // self.n_groups, config.connector_norm_eps)
-        self.out_proj = nn.Linear(self.inner_size, hidden, bias=False)
+        inner = self.dims.inner_size
+        self.norm = GatedRMSNorm(inner, inner // self.dims.n_groups, config.connector_norm_eps)
+        self.out_proj = nn.Linear(inner, hidden, bias=False)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        batch, length, _ = hidden_states.shape
+        length = hidden_states.shape[1]
         if length != self.grid[0] * self.grid[1]:
             raise ValueError(f"the connector expects {self.grid[0] * self.grid[1]} patches per image, got {length}")
-        gate, xbc, dt = self.in_proj(hidden_states).split([self.inner_size, self.conv_dim, self.num_heads], dim=-1)
+        gate, xbc, dt = self.dims.split_projection(self.in_proj(hidden_states))
         orders = scan_orders(self.scan, *self.grid, device=hidden_states.device)
-        inverses = inverse_orders(orders)
         merged = 0
-        for direction, order, inverse in zip(self.directions, orders, inverses):
-            xbc_d = direction.causal_conv(xbc[:, order])
-            group_width = self.n_groups * self.state_size
-            x, B, C = xbc_d.split([self.inner_size, group_width, group_width], dim=-1)
-            y, _ = ssd_scan(
-                x.unflatten(-1, (self.num_heads, self.head_dim)),
-                dt[:, order],
-                -torch.exp(direction.A_log),
-                B.unflatten(-1, (self.n_groups, self.state_size)),
-                C.unflatten(-1, (self.n_groups, self.state_size)),
-                self.chunk_size,
-                D=direction.D,
-                dt_bias=direction.dt_bias,
-            )
-            merged = merged + self.norm(y.flatten(-2)[:, inverse], gate)
+        for direction, order, inverse in zip(self.directions, orders, inverse_orders(orders)):
+            conv_out = causal_conv(xbc[:, order], direction.conv1d)
+            y, _ = selective_scan(self.dims, direction, conv_out, dt[:, order], self.chunk_size)
+            merged = merged + self.norm(y[:, inverse], gate)
         return self.out_proj(merged / len(self.directions))
 
 

@@ -9,12 +9,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, DynamicCache, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.models.mamba2.modeling_mamba2 import Mamba2CausalLMOutput, Mamba2Output
 
 from .configuration_mlmamba import MLMambaConfig
-from .connector import GatedRMSNorm, MLMambaConnector, ScanDirection
+from .connector import MLMambaConnector, ScanDirection
+from .decode_graphs import DecodeGraphs
+from .mamba2 import CausalMamba2Mixer, GatedRMSNorm, Mamba2LanguageModel, RMSNorm
 
 # transformers up to 5.2x passes a Mamba cache as `cache_params`, later releases call it `cache`; the
 # language model's own output class tells us which name this installation uses.
@@ -98,14 +100,14 @@ class MLMambaPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = [
-        "Mamba2Block", "MLMambaConnectorBlock", "Dinov2WithRegistersLayer", "SiglipEncoderLayer",
+        "Mamba2LMBlock", "MLMambaConnectorBlock", "Dinov2WithRegistersLayer", "SiglipEncoderLayer",
     ]
     _supports_sdpa = True
     _is_stateful = True
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, ScanDirection):
+        if isinstance(module, (ScanDirection, CausalMamba2Mixer)):
             # Mamba-2's initialisation: A = -[1..heads], D = 1, dt spread log-uniformly over [1e-3, 1e-1].
             heads = module.A_log.shape[0]
             init.copy_(module.A_log, torch.log(torch.arange(1, heads + 1, dtype=torch.float32)))
@@ -114,7 +116,7 @@ class MLMambaPreTrainedModel(PreTrainedModel):
             init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))
             init.kaiming_uniform_(module.conv1d.weight, a=math.sqrt(5))
             init.zeros_(module.conv1d.bias)
-        elif isinstance(module, GatedRMSNorm):
+        elif isinstance(module, (GatedRMSNorm, RMSNorm)):
             init.ones_(module.weight)
 
 
@@ -126,7 +128,7 @@ class MLMambaModel(MLMambaPreTrainedModel):
         self.vision_tower = MLMambaVisionTower(config)
         self.connector = MLMambaConnector(config)
         self.projector = MLMambaProjector(config)
-        self.language_model = AutoModel.from_config(config.text_config)
+        self.language_model = Mamba2LanguageModel(config.text_config)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -185,19 +187,20 @@ class MLMambaModel(MLMambaPreTrainedModel):
                 f"the prompt has {int(placeholders.sum())} image placeholder tokens but no pixel_values were given"
             )
 
-        outputs = self.language_model(
-            inputs_embeds=inputs_embeds,
+        use_cache = use_cache if use_cache is not None else (self.config.text_config.use_cache and not self.training)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config.text_config)
+        last_hidden_state, hidden_states = self.language_model(
+            inputs_embeds,
+            cache=cache if use_cache else None,
             attention_mask=attention_mask,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-            **{CACHE_NAME: cache},
+            output_hidden_states=output_hidden_states or self.config.output_hidden_states,
         )
         return MLMambaModelOutput(
-            last_hidden_state=outputs.last_hidden_state,
-            hidden_states=outputs.hidden_states,
+            last_hidden_state=last_hidden_state,
+            hidden_states=hidden_states,
             image_hidden_states=image_features,
-            **{CACHE_NAME: outputs[CACHE_NAME] if CACHE_NAME in outputs else None},
+            **{CACHE_NAME: cache if use_cache else None},
         )
 
     def merge_image_features(self, inputs_embeds, placeholders, image_features) -> torch.Tensor:
@@ -218,12 +221,35 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
     """ML-Mamba with its language-modelling head: `forward` for training and scoring, `generate` for answers."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embeddings.weight"}
+    # Devices on which one-token decode steps replay a captured graph (see `decode_graphs.py`).
+    decode_graph_devices = ("cuda",)
 
     def __init__(self, config: MLMambaConfig):
         super().__init__(config)
         self.model = MLMambaModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.decode_graphs = DecodeGraphs(self.decode_step, self)
         self.post_init()
+
+    def decode_step(self, input_ids: torch.Tensor, states) -> torch.Tensor:
+        """Logits (batch, vocab) of one token per sequence, updating the per-layer `states` in place."""
+        hidden_states = self.model.language_model.step(input_ids, states)
+        return self.lm_head(hidden_states.to(self.lm_head.weight.dtype)).float()
+
+    def _replays_decode_graph(self, input_ids, cache, **other_inputs) -> bool:
+        """Whether this forward is a plain decode step that the captured graph can take."""
+        return (
+            self.config.use_cuda_graphs
+            and input_ids is not None
+            and input_ids.shape[1] == 1
+            and input_ids.device.type in self.decode_graph_devices
+            and cache is not None
+            and all(value is None or value is False for value in other_inputs.values())
+            and not self.training
+            and not torch.is_grad_enabled()
+            and cache.has_previous_state(0)
+            and not getattr(cache.layers[0], "record_past", False)
+        )
 
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()
@@ -261,12 +287,20 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
         logits_to_keep (`int` or `torch.Tensor`, *optional*):
             Compute logits for only the last `logits_to_keep` positions (0: all); `generate()` sets 1.
         """
+        cache = cache if cache is not None else cache_params
+        if self._replays_decode_graph(
+            input_ids, cache, pixel_values=pixel_values, inputs_embeds=inputs_embeds, labels=labels,
+            output_hidden_states=output_hidden_states,
+        ):
+            logits = self.decode_graphs.step(input_ids, cache)
+            return MLMambaCausalLMOutput(logits=logits[:, None], **{CACHE_NAME: cache})
+
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
-            cache=cache if cache is not None else cache_params,
+            cache=cache,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
         )

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 try:
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 except ImportError:
-    mamba_chunk_scan_combined = None
+    mamba_chunk_scan_combined = selective_state_update = None
 
 
 def _heads_from_groups(tensor: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -118,3 +119,41 @@ def ssd_scan(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, initial_state=Non
         initial_state=None if initial_state is None else initial_state.to(compute),
     )
     return y.to(dtype), final_state
+
+
+def ssd_step_reference(state, x, dt, A, B, C, D=None):
+    """One recurrence step in place on `state` (batch, heads, head_dim, state), computed in float32.
+
+    x (batch, heads, head_dim), dt (batch, heads) already positive, B and C (batch, groups, state).
+    Returns y (batch, heads, head_dim) in x's dtype.
+    """
+    heads = x.shape[1]
+    compute = torch.promote_types(x.dtype, torch.float32)
+    x_c, dt_c = x.to(compute), dt.to(compute)
+    B = B.repeat_interleave(heads // B.shape[1], dim=1).to(compute)
+    C = C.repeat_interleave(heads // C.shape[1], dim=1).to(compute)
+    decay = torch.exp(dt_c * A.to(compute))[..., None, None]
+    new_state = state.to(compute) * decay + (dt_c[..., None] * x_c)[..., None] * B[:, :, None, :]
+    state.copy_(new_state)
+    y = torch.einsum("bhpn,bhn->bhp", new_state, C)
+    if D is not None:
+        y = y + D.to(compute)[:, None] * x_c
+    return y.to(x.dtype)
+
+
+def ssd_step(state, x, dt, A, B, C, D=None, dt_bias=None):
+    """Single-token update with raw `dt` (softplus(dt + dt_bias) applied here), in place on `state`.
+
+    CUDA tensors go to mamba_ssm's `selective_state_update` Triton kernel when installed.
+    """
+    if selective_state_update is not None and x.is_cuda:
+        head_dim, state_size = x.shape[-1], state.shape[-1]
+        return selective_state_update(
+            state, x, dt[..., None].expand(-1, -1, head_dim),
+            A.float()[:, None, None].expand(-1, head_dim, state_size), B, C,
+            D=None if D is None else D[:, None].expand(-1, head_dim), z=None,
+            dt_bias=None if dt_bias is None else dt_bias[:, None].expand(-1, head_dim), dt_softplus=True,
+        )
+    compute = torch.promote_types(dt.dtype, torch.float32)
+    dt = F.softplus(dt.to(compute) + (0.0 if dt_bias is None else dt_bias.to(compute)))
+    return ssd_step_reference(state, x, dt, A, B, C, D)

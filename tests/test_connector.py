@@ -36,14 +36,15 @@ def explicit_direction(mixer, direction, xbc, dt):
     """One direction over a sequence already in its scan order; output in that same order."""
     batch, length, _ = xbc.shape
     conv = explicit_causal_conv(direction, xbc)
-    width = mixer.n_groups * mixer.state_size
-    x, B, C = conv.split([mixer.inner_size, width, width], dim=-1)
+    dims = mixer.dims
+    width = dims.n_groups * dims.state_size
+    x, B, C = conv.split([dims.inner_size, width, width], dim=-1)
     y, _ = ssd_sequential(
-        x.view(batch, length, mixer.num_heads, mixer.head_dim),
+        x.view(batch, length, dims.num_heads, dims.head_dim),
         F.softplus(dt + direction.dt_bias),
         -torch.exp(direction.A_log),
-        B.view(batch, length, mixer.n_groups, mixer.state_size),
-        C.view(batch, length, mixer.n_groups, mixer.state_size),
+        B.view(batch, length, dims.n_groups, dims.state_size),
+        C.view(batch, length, dims.n_groups, dims.state_size),
         D=direction.D,
     )
     return y.reshape(batch, length, -1)
@@ -52,7 +53,8 @@ def explicit_direction(mixer, direction, xbc, dt):
 def explicit_mixer(mixer, hidden, scan):
     """The MSC mixer written out per direction: flips for reverse scans, grid transposes for column-major."""
     batch, length, _ = hidden.shape
-    gate, xbc, dt = mixer.in_proj(hidden).split([mixer.inner_size, mixer.conv_dim, mixer.num_heads], dim=-1)
+    dims = mixer.dims
+    gate, xbc, dt = mixer.in_proj(hidden).split([dims.inner_size, dims.conv_dim, dims.num_heads], dim=-1)
 
     def to_columns(t):
         return t.view(batch, ROWS, COLS, -1).transpose(1, 2).reshape(batch, length, -1)

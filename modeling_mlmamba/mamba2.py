@@ -1,0 +1,232 @@
+"""Mamba-2 building blocks shared by the connector and the language model, and the causal Mamba-2 LM itself.
+
+The LM keeps transformers' `Mamba2Model` parameter names and config (`Mamba2Config`), so its checkpoints load
+unchanged, but runs its own mixer: kernels are chosen per call by device (transformers picks them at import,
+sending CPU tensors to Triton when mamba-ssm is installed), `in_proj`/`out_proj` are always called as modules
+(transformers' fused training path reads `out_proj.weight` directly and so ignores a LoRA on it), and the same
+code runs on every supported transformers release.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from .ssd import ssd_scan, ssd_step
+
+try:
+    from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+except ImportError:
+    causal_conv1d_fn = causal_conv1d_update = None
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32, cast back to the input dtype before the weight (as Mamba2RMSNorm)."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        compute = hidden_states.to(torch.promote_types(dtype, torch.float32))
+        normed = compute * torch.rsqrt(compute.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm(x * SiLU(z)) * weight per group, in at least float32: mamba_ssm's `RMSNormGated(norm_before_gate=False)`."""
+
+    def __init__(self, hidden_size: int, group_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.group_size = group_size
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        compute = torch.promote_types(dtype, torch.float32)
+        gated = hidden_states.to(compute) * F.silu(gate.to(compute))
+        grouped = gated.unflatten(-1, (-1, self.group_size))
+        normed = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * normed.flatten(-2)).to(dtype)
+
+
+def causal_conv(xbc: torch.Tensor, conv1d: nn.Conv1d) -> torch.Tensor:
+    """Depthwise causal conv + SiLU over (batch, length, channels); causal-conv1d's kernel on CUDA when installed."""
+    if causal_conv1d_fn is not None and xbc.is_cuda:
+        weight = conv1d.weight.squeeze(1)
+        return causal_conv1d_fn(xbc.transpose(1, 2), weight, conv1d.bias, activation="silu").transpose(1, 2)
+    length = xbc.shape[1]
+    return F.silu(conv1d(xbc.transpose(1, 2).to(conv1d.weight.dtype))[..., :length].transpose(1, 2)).to(xbc.dtype)
+
+
+def causal_conv_step(xbc: torch.Tensor, conv_state: torch.Tensor, conv1d: nn.Conv1d) -> torch.Tensor:
+    """One new position (batch, channels) through the causal conv + SiLU; `conv_state` (batch, channels, kernel)
+    holds the last `kernel` inputs and is shifted in place."""
+    weight = conv1d.weight.squeeze(1)
+    if causal_conv1d_update is not None and xbc.is_cuda:
+        return causal_conv1d_update(xbc, conv_state, weight, conv1d.bias, activation="silu")
+    conv_state.copy_(torch.cat([conv_state[:, :, 1:], xbc[:, :, None].to(conv_state.dtype)], dim=-1))
+    out = (conv_state.to(weight.dtype) * weight).sum(-1)
+    if conv1d.bias is not None:
+        out = out + conv1d.bias
+    return F.silu(out).to(xbc.dtype)
+
+
+class SSMDimensions:
+    """The widths a Mamba-2 mixer splits its projections into, from (hidden, expand, head_dim, groups, state)."""
+
+    def __init__(self, hidden_size: int, expand: int, head_dim: int, n_groups: int, state_size: int):
+        self.inner_size = expand * hidden_size
+        self.head_dim = head_dim
+        self.num_heads = self.inner_size // head_dim
+        self.n_groups = n_groups
+        self.state_size = state_size
+        self.conv_dim = self.inner_size + 2 * n_groups * state_size
+        self.projection_size = self.inner_size + self.conv_dim + self.num_heads
+
+    def split_projection(self, projected: torch.Tensor):
+        """in_proj output -> (gate z, conv input xBC, raw dt)."""
+        return projected.split([self.inner_size, self.conv_dim, self.num_heads], dim=-1)
+
+    def split_conv_output(self, xbc: torch.Tensor):
+        """Conv output (..., conv_dim) -> x (..., heads, head_dim), B and C (..., groups, state)."""
+        width = self.n_groups * self.state_size
+        x, B, C = xbc.split([self.inner_size, width, width], dim=-1)
+        groups = (self.n_groups, self.state_size)
+        return x.unflatten(-1, (self.num_heads, self.head_dim)), B.unflatten(-1, groups), C.unflatten(-1, groups)
+
+
+def selective_scan(dims: SSMDimensions, ssm: nn.Module, conv_out, dt, chunk_size, initial_state=None):
+    """The SSD scan (+ D skip) of one direction over its conv output. `ssm` owns dt_bias, A_log and D.
+
+    Returns y (batch, length, inner) and the final state (batch, heads, head_dim, state).
+    """
+    x, B, C = dims.split_conv_output(conv_out)
+    y, final_state = ssd_scan(
+        x, dt, -torch.exp(ssm.A_log), B, C, chunk_size, D=ssm.D, dt_bias=ssm.dt_bias, initial_state=initial_state,
+    )
+    return y.flatten(-2), final_state
+
+
+class CausalMamba2Mixer(nn.Module):
+    """transformers' `Mamba2Mixer` parameters and math, with a recurrent cache for generation."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.dims = SSMDimensions(
+            config.hidden_size, config.expand, config.head_dim, config.n_groups, config.state_size
+        )
+        if self.dims.num_heads != config.num_heads:
+            raise ValueError(f"text_config.num_heads is {config.num_heads} but hidden_size * expand / head_dim is "
+                             f"{self.dims.num_heads}")
+        self.chunk_size = config.chunk_size
+        self.conv_kernel = config.conv_kernel
+        self.in_proj = nn.Linear(config.hidden_size, self.dims.projection_size, bias=config.use_bias)
+        self.conv1d = nn.Conv1d(
+            self.dims.conv_dim, self.dims.conv_dim, config.conv_kernel, groups=self.dims.conv_dim,
+            padding=config.conv_kernel - 1, bias=config.use_conv_bias,
+        )
+        self.dt_bias = nn.Parameter(torch.zeros(self.dims.num_heads))
+        self.A_log = nn.Parameter(torch.zeros(self.dims.num_heads))
+        self.D = nn.Parameter(torch.ones(self.dims.num_heads))
+        inner = self.dims.inner_size
+        self.norm = GatedRMSNorm(inner, inner // config.n_groups, config.layer_norm_epsilon)
+        self.out_proj = nn.Linear(inner, config.hidden_size, bias=config.use_bias)
+
+    def forward(self, hidden_states, cache=None, attention_mask=None):
+        """A whole sequence (training, prefill, or a continuation of `cache`); updates `cache` when given.
+
+        `attention_mask` (batch, length) zeroes padded positions before the projection and after the conv, so
+        left padding leaves the recurrent state exactly as if the padding were absent.
+        """
+        length = hidden_states.shape[1]
+        continuing = cache is not None and cache.has_previous_state(self.layer_idx)
+        if continuing and length == 1:
+            layer = cache.layers[self.layer_idx]
+            return self.step(hidden_states[:, 0], layer.conv_states[0], layer.recurrent_states[0])[:, None]
+        if attention_mask is not None:
+            hidden_states = hidden_states * attention_mask[..., None].to(hidden_states.dtype)
+        gate, xbc, dt = self.dims.split_projection(self.in_proj(hidden_states))
+        initial_state = cache.layers[self.layer_idx].recurrent_states[0] if continuing else None
+        if cache is not None:
+            # The cache hands back the new inputs preceded by the cached ones (or zero-padded to the kernel).
+            xbc = cache.update_conv_state(xbc.transpose(1, 2), self.layer_idx, conv_kernel_size=self.conv_kernel)
+            xbc = xbc.transpose(1, 2)
+        conv_out = causal_conv(xbc, self.conv1d)[:, -length:]
+        if attention_mask is not None:
+            conv_out = conv_out * attention_mask[..., None].to(conv_out.dtype)
+        y, final_state = selective_scan(self.dims, self, conv_out, dt, self.chunk_size, initial_state)
+        if cache is not None:
+            cache.update_recurrent_state(final_state, self.layer_idx)
+        return self.out_proj(self.norm(y, gate))
+
+    def step(self, hidden_states, conv_state, ssm_state):
+        """One token (batch, hidden) -> (batch, hidden), updating both states in place (CUDA-graph friendly)."""
+        gate, xbc, dt = self.dims.split_projection(self.in_proj(hidden_states))
+        x, B, C = self.dims.split_conv_output(causal_conv_step(xbc, conv_state, self.conv1d))
+        y = ssd_step(ssm_state, x, dt, -torch.exp(self.A_log), B, C, D=self.D, dt_bias=self.dt_bias)
+        return self.out_proj(self.norm(y.flatten(-2), gate))
+
+
+class Mamba2LMBlock(GradientCheckpointingLayer):
+    """Pre-norm residual block: x + Mixer(RMSNorm(x)), residual kept in float32 when configured."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        self.mixer = CausalMamba2Mixer(config, layer_idx)
+
+    def forward(self, hidden_states, cache=None, attention_mask=None):
+        residual = hidden_states.float() if self.residual_in_fp32 else hidden_states
+        normed = self.norm(hidden_states.to(self.norm.weight.dtype))
+        return residual + self.mixer(normed, cache=cache, attention_mask=attention_mask)
+
+    def step(self, hidden_states, conv_state, ssm_state):
+        residual = hidden_states.float() if self.residual_in_fp32 else hidden_states
+        normed = self.norm(hidden_states.to(self.norm.weight.dtype))
+        return residual + self.mixer.step(normed, conv_state, ssm_state)
+
+
+class Mamba2LanguageModel(nn.Module):
+    """The Mamba-2 backbone (embeddings, blocks, final norm) with transformers' `Mamba2Model` parameter names."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Mamba2LMBlock(config, idx) for idx in range(config.num_hidden_layers))
+        self.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+
+    def get_input_embeddings(self):
+        return self.embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings = value
+
+    def forward(self, inputs_embeds, cache=None, attention_mask=None, output_hidden_states=False):
+        """Returns (final normed hidden states, per-layer hidden states or None)."""
+        length = inputs_embeds.shape[1]
+        mask = None if attention_mask is None or length == 1 else attention_mask[:, -length:]
+        hidden_states = inputs_embeds
+        all_hidden_states = () if output_hidden_states else None
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, cache=cache, attention_mask=mask)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+        hidden_states = self.norm_f(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        return hidden_states, all_hidden_states
+
+    def step(self, input_ids, states):
+        """One token per sequence (batch,) -> final normed hidden (batch, hidden); `states` holds each layer's
+        (conv_state, ssm_state), updated in place."""
+        hidden_states = self.embeddings(input_ids)
+        for layer, (conv_state, ssm_state) in zip(self.layers, states):
+            hidden_states = layer.step(hidden_states, conv_state, ssm_state)
+        return self.norm_f(hidden_states)

@@ -1,0 +1,133 @@
+"""The CUDA-graph decode bookkeeping, exercised on CPU where a 'graph' replays the same step eagerly."""
+
+import gc
+
+import pytest
+import torch
+from conftest import image_prompt, random_pixels, tiny_model
+from transformers import DynamicCache
+
+from modeling_mlmamba import mamba2, ssd
+from modeling_mlmamba.decode_graphs import cache_states
+
+
+@pytest.fixture
+def graph_model(monkeypatch):
+    model = tiny_model()
+    monkeypatch.setattr(type(model), "decode_graph_devices", ("cpu",))
+    return model
+
+
+def generate(model, ids, pixels, use_graphs, **kwargs):
+    model.config.use_cuda_graphs = use_graphs
+    return model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, max_new_tokens=6, **kwargs
+    )
+
+
+def prompts(config, batch):
+    ids = torch.tensor([image_prompt(config, [5 + i, 6, 7]) for i in range(batch)])
+    return ids, random_pixels(batch, config)
+
+
+def test_greedy_tokens_identical_with_and_without_graphs(graph_model):
+    ids, pixels = prompts(graph_model.config, 2)
+    eager = generate(graph_model, ids, pixels, use_graphs=False, do_sample=False, eos_token_id=None)
+    assert not graph_model.decode_graphs.graphs
+    replayed = generate(graph_model, ids, pixels, use_graphs=True, do_sample=False, eos_token_id=None)
+    assert len(graph_model.decode_graphs.graphs) == 1
+    assert torch.equal(replayed, eager)
+
+
+def test_sampling_and_stopping_criteria_identical_with_and_without_graphs(graph_model):
+    ids, pixels = prompts(graph_model.config, 3)
+    greedy = generate(graph_model, ids, pixels, use_graphs=False, do_sample=False, eos_token_id=None)
+    stop_token = int(greedy[0, ids.shape[1] + 2])  # the first sample stops early, the others carry on
+    results = []
+    for use_graphs in (False, True):
+        torch.manual_seed(0)
+        results.append(generate(graph_model, ids, pixels, use_graphs, do_sample=True, top_k=5,
+                                eos_token_id=stop_token, pad_token_id=0))
+    assert torch.equal(results[0], results[1])
+
+
+def test_one_graph_per_batch_size_reused_across_calls(graph_model):
+    config = graph_model.config
+    for batch in (1, 2, 1):
+        ids, pixels = prompts(config, batch)
+        generate(graph_model, ids, pixels, use_graphs=True, do_sample=False, eos_token_id=None)
+    assert sorted(key[0] for key in graph_model.decode_graphs.graphs) == [1, 2]
+
+
+def test_cache_is_bound_to_graph_buffers_and_an_older_live_cache_keeps_its_state(graph_model):
+    config = graph_model.config
+    graphs = graph_model.decode_graphs
+
+    def prefill(seed):
+        ids = torch.tensor([image_prompt(config, [5 + seed, 6])])
+        cache = DynamicCache(config=config.text_config)
+        with torch.no_grad():
+            graph_model(input_ids=ids, pixel_values=random_pixels(1, config, seed=seed), cache=cache, use_cache=True)
+        return cache
+
+    first, second = prefill(0), prefill(1)
+    first_states = [(conv.clone(), ssm.clone()) for conv, ssm in cache_states(first)]
+    token = torch.tensor([[9]])
+    with torch.no_grad():
+        graph_model(input_ids=token, cache=first)
+        advanced = [(conv.clone(), ssm.clone()) for conv, ssm in cache_states(first)]
+        graph = next(iter(graphs.graphs.values()))
+        assert graph.is_bound_to(first)
+        assert any(not torch.equal(a[1], b[1]) for a, b in zip(advanced, first_states))
+
+        graph_model(input_ids=token, cache=second)  # rebinding must not clobber the still-alive first cache
+    assert graph.is_bound_to(second) and not graph.is_bound_to(first)
+    for (conv, ssm), (conv_ref, ssm_ref) in zip(cache_states(first), advanced):
+        assert torch.equal(conv, conv_ref) and torch.equal(ssm, ssm_ref)
+    del first
+    gc.collect()
+
+
+def test_changed_weights_rebuild_the_graphs(graph_model):
+    ids, pixels = prompts(graph_model.config, 1)
+    generate(graph_model, ids, pixels, use_graphs=True, do_sample=False, eos_token_id=None)
+    old_graph = next(iter(graph_model.decode_graphs.graphs.values()))
+    graph_model.lm_head = torch.nn.Linear(graph_model.lm_head.in_features, graph_model.lm_head.out_features,
+                                          bias=False)
+    generate(graph_model, ids, pixels, use_graphs=True, do_sample=False, eos_token_id=None)
+    assert next(iter(graph_model.decode_graphs.graphs.values())) is not old_graph
+
+
+def test_graphs_are_not_used_outside_plain_decoding(graph_model):
+    ids, pixels = prompts(graph_model.config, 1)
+    cache = DynamicCache(config=graph_model.config.text_config)
+    with torch.no_grad():
+        graph_model(input_ids=ids, pixel_values=pixels, cache=cache, use_cache=True)
+    token = torch.tensor([[9]])
+    assert not graph_model._replays_decode_graph(token, cache)  # gradients enabled
+    with torch.no_grad():
+        assert graph_model._replays_decode_graph(token, cache)
+        assert not graph_model._replays_decode_graph(token, cache, output_hidden_states=True)
+        assert not graph_model._replays_decode_graph(token, cache, pixel_values=random_pixels(1, graph_model.config))
+        assert not graph_model._replays_decode_graph(torch.tensor([[9, 10]]), cache)
+        assert not graph_model._replays_decode_graph(token, DynamicCache(config=graph_model.config.text_config))
+        graph_model.train()
+        assert not graph_model._replays_decode_graph(token, cache)
+        graph_model.eval()
+        graph_model.config.use_cuda_graphs = False
+        assert not graph_model._replays_decode_graph(token, cache)
+
+
+def test_cpu_tensors_never_reach_gpu_kernels(monkeypatch):
+    """With the kernels 'installed' but the tensors on CPU, every dispatch takes the PyTorch path."""
+
+    def gpu_only(*args, **kwargs):
+        raise AssertionError("a GPU kernel was called with CPU tensors")
+
+    for module, name in [(ssd, "mamba_chunk_scan_combined"), (ssd, "selective_state_update"),
+                         (mamba2, "causal_conv1d_fn"), (mamba2, "causal_conv1d_update")]:
+        monkeypatch.setattr(module, name, gpu_only)
+    model = tiny_model()
+    ids, pixels = prompts(model.config, 1)
+    out = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 3
