@@ -327,12 +327,13 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
         )
 
     def prepare_inputs_for_generation(self, input_ids, is_first_iteration=False, **kwargs):
-        """After the first step the images are already in the recurrent state: drop the pixels and the mask."""
-        model_inputs = super().prepare_inputs_for_generation(input_ids, is_first_iteration=is_first_iteration, **kwargs)
-        if kwargs.get("use_cache", True) and not is_first_iteration:
-            model_inputs.pop("pixel_values", None)
-            model_inputs["attention_mask"] = None
-        return model_inputs
+        """After the first step the prompt and its images live in the recurrent state: decode steps take only the
+        newest token and the cache (this short path also keeps per-token Python work small)."""
+        if kwargs.get("use_cache", True) and not is_first_iteration and kwargs.get(CACHE_NAME) is not None:
+            prompt_only = ("pixel_values", "attention_mask", "inputs_embeds", "position_ids", "next_sequence_length",
+                           "labels")
+            return {"input_ids": input_ids[:, -1:], **{k: v for k, v in kwargs.items() if k not in prompt_only}}
+        return super().prepare_inputs_for_generation(input_ids, is_first_iteration=is_first_iteration, **kwargs)
 
 
 __all__ = ["MLMambaForConditionalGeneration", "MLMambaModel", "MLMambaPreTrainedModel"]
