@@ -105,6 +105,19 @@ class MLMambaPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _is_stateful = True
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Map every Auto class to the copied code in `config.json`, so the folder loads through any of them with
+        `trust_remote_code=True` (transformers writes only `AutoConfig` and the saved class's own)."""
+        if self._auto_class is not None:
+            module = type(self).__module__.rsplit(".", 1)[-1]
+            self.config.auto_map = {
+                **(getattr(self.config, "auto_map", None) or {}),
+                "AutoModel": f"{module}.MLMambaModel",
+                "AutoModelForImageTextToText": f"{module}.MLMambaForConditionalGeneration",
+                "AutoModelForCausalLM": f"{module}.MLMambaForConditionalGeneration",
+            }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, (ScanDirection, CausalMamba2Mixer)):
