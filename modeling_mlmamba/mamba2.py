@@ -18,6 +18,11 @@ try:
     from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 except ImportError:
     causal_conv1d_fn = causal_conv1d_update = None
+try:
+    from mamba_ssm.ops.triton.layer_norm import rms_norm_fn as fused_add_rms_norm
+    from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn as fused_gated_rms_norm
+except ImportError:
+    fused_add_rms_norm = fused_gated_rms_norm = None
 
 
 class RMSNorm(nn.Module):
@@ -35,6 +40,24 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(dtype)
 
 
+def add_rms_norm(hidden_states, residual, norm: RMSNorm, residual_in_fp32: bool):
+    """The pre-norm residual step: residual += hidden_states, then (norm(residual), residual).
+
+    On CUDA with mamba-ssm this is one fused Triton kernel (as in the released model's `fused_add_norm`),
+    which normalises the float32 sum directly; elsewhere the sum is cast to the weight dtype first, as in
+    transformers' Mamba2.
+    """
+    if fused_add_rms_norm is not None and hidden_states.is_cuda:
+        return fused_add_rms_norm(
+            hidden_states, norm.weight, None, residual=residual, eps=norm.eps, prenorm=True,
+            residual_in_fp32=residual_in_fp32,
+        )
+    summed = hidden_states if residual is None else residual + hidden_states
+    if residual_in_fp32:
+        summed = summed.float()
+    return norm(summed.to(norm.weight.dtype)), summed
+
+
 class GatedRMSNorm(nn.Module):
     """RMSNorm(x * SiLU(z)) * weight per group, in at least float32: mamba_ssm's `RMSNormGated(norm_before_gate=False)`."""
 
@@ -45,6 +68,9 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        if fused_gated_rms_norm is not None and hidden_states.is_cuda:
+            return fused_gated_rms_norm(hidden_states, self.weight, None, z=gate, eps=self.eps,
+                                        group_size=self.group_size, norm_before_gate=False)
         dtype = hidden_states.dtype
         compute = torch.promote_types(dtype, torch.float32)
         gated = hidden_states.to(compute) * F.silu(gate.to(compute))
@@ -173,7 +199,8 @@ class CausalMamba2Mixer(nn.Module):
 
 
 class Mamba2LMBlock(GradientCheckpointingLayer):
-    """Pre-norm residual block: x + Mixer(RMSNorm(x)), residual kept in float32 when configured."""
+    """Pre-norm residual block, written as (mixer output, residual stream) -> (mixer output, residual stream)
+    so that the residual add and the next norm fuse into one kernel on CUDA."""
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
@@ -181,15 +208,13 @@ class Mamba2LMBlock(GradientCheckpointingLayer):
         self.norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
         self.mixer = CausalMamba2Mixer(config, layer_idx)
 
-    def forward(self, hidden_states, cache=None, attention_mask=None):
-        residual = hidden_states.float() if self.residual_in_fp32 else hidden_states
-        normed = self.norm(hidden_states.to(self.norm.weight.dtype))
-        return residual + self.mixer(normed, cache=cache, attention_mask=attention_mask)
+    def forward(self, hidden_states, residual=None, cache=None, attention_mask=None):
+        normed, residual = add_rms_norm(hidden_states, residual, self.norm, self.residual_in_fp32)
+        return self.mixer(normed, cache=cache, attention_mask=attention_mask), residual
 
-    def step(self, hidden_states, conv_state, ssm_state):
-        residual = hidden_states.float() if self.residual_in_fp32 else hidden_states
-        normed = self.norm(hidden_states.to(self.norm.weight.dtype))
-        return residual + self.mixer.step(normed, conv_state, ssm_state)
+    def step(self, hidden_states, residual, conv_state, ssm_state):
+        normed, residual = add_rms_norm(hidden_states, residual, self.norm, self.residual_in_fp32)
+        return self.mixer.step(normed, conv_state, ssm_state), residual
 
 
 class Mamba2LanguageModel(nn.Module):
@@ -209,24 +234,25 @@ class Mamba2LanguageModel(nn.Module):
         self.embeddings = value
 
     def forward(self, inputs_embeds, cache=None, attention_mask=None, output_hidden_states=False):
-        """Returns (final normed hidden states, per-layer hidden states or None)."""
+        """Returns (final normed hidden states, the residual stream after each layer and the final output, or None)."""
         length = inputs_embeds.shape[1]
         mask = None if attention_mask is None or length == 1 else attention_mask[:, -length:]
-        hidden_states = inputs_embeds
+        hidden_states, residual = inputs_embeds, None
         all_hidden_states = () if output_hidden_states else None
         for layer in self.layers:
-            hidden_states = layer(hidden_states, cache=cache, attention_mask=mask)
+            hidden_states, residual = layer(hidden_states, residual, cache=cache, attention_mask=mask)
             if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-        hidden_states = self.norm_f(hidden_states)
+                all_hidden_states += (residual + hidden_states,)
+        normed, _ = add_rms_norm(hidden_states, residual, self.norm_f, self.config.residual_in_fp32)
         if output_hidden_states:
-            all_hidden_states += (hidden_states,)
-        return hidden_states, all_hidden_states
+            all_hidden_states += (normed,)
+        return normed, all_hidden_states
 
     def step(self, input_ids, states):
         """One token per sequence (batch,) -> final normed hidden (batch, hidden); `states` holds each layer's
         (conv_state, ssm_state), updated in place."""
-        hidden_states = self.embeddings(input_ids)
+        hidden_states, residual = self.embeddings(input_ids), None
         for layer, (conv_state, ssm_state) in zip(self.layers, states):
-            hidden_states = layer.step(hidden_states, conv_state, ssm_state)
-        return self.norm_f(hidden_states)
+            hidden_states, residual = layer.step(hidden_states, residual, conv_state, ssm_state)
+        normed, _ = add_rms_norm(hidden_states, residual, self.norm_f, self.config.residual_in_fp32)
+        return normed

@@ -105,6 +105,19 @@ class MLMambaPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _is_stateful = True
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Map every Auto class to the copied code in `config.json`, so the folder loads through any of them with
+        `trust_remote_code=True` (transformers writes only `AutoConfig` and the saved class's own)."""
+        if self._auto_class is not None:
+            module = type(self).__module__.rsplit(".", 1)[-1]
+            self.config.auto_map = {
+                **(getattr(self.config, "auto_map", None) or {}),
+                "AutoModel": f"{module}.MLMambaModel",
+                "AutoModelForImageTextToText": f"{module}.MLMambaForConditionalGeneration",
+                "AutoModelForCausalLM": f"{module}.MLMambaForConditionalGeneration",
+            }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, (ScanDirection, CausalMamba2Mixer)):
@@ -327,12 +340,13 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
         )
 
     def prepare_inputs_for_generation(self, input_ids, is_first_iteration=False, **kwargs):
-        """After the first step the images are already in the recurrent state: drop the pixels and the mask."""
-        model_inputs = super().prepare_inputs_for_generation(input_ids, is_first_iteration=is_first_iteration, **kwargs)
-        if kwargs.get("use_cache", True) and not is_first_iteration:
-            model_inputs.pop("pixel_values", None)
-            model_inputs["attention_mask"] = None
-        return model_inputs
+        """After the first step the prompt and its images live in the recurrent state: decode steps take only the
+        newest token and the cache (this short path also keeps per-token Python work small)."""
+        if kwargs.get("use_cache", True) and not is_first_iteration and kwargs.get(CACHE_NAME) is not None:
+            prompt_only = ("pixel_values", "attention_mask", "inputs_embeds", "position_ids", "next_sequence_length",
+                           "labels")
+            return {"input_ids": input_ids[:, -1:], **{k: v for k, v in kwargs.items() if k not in prompt_only}}
+        return super().prepare_inputs_for_generation(input_ids, is_first_iteration=is_first_iteration, **kwargs)
 
 
 __all__ = ["MLMambaForConditionalGeneration", "MLMambaModel", "MLMambaPreTrainedModel"]

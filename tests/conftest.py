@@ -24,3 +24,39 @@ def image_prompt(config: MLMambaConfig, text_ids: list[int]) -> list[int]:
 @pytest.fixture
 def model():
     return tiny_model()
+
+
+TINY_WORDS = (
+    "what color is the circle square triangle shape object objects how many are there to left of above in image a "
+    "red green blue yellow yes no one two three describe this picture ? . ,"
+).split()
+
+
+def tiny_tokenizer(vocab_size: int = 128, image_token_id: int = 127, model_max_length: int = 256):
+    """A word-level tokenizer laid out like the released one: `<|endoftext|>` is id 0 and both end-of-text and
+    padding, no BOS; `<|user|>`, `<|assistant|>` and `<image>` are single tokens. Filler words `w<id>` make every
+    id up to `vocab_size` decodable, so whatever a random tiny model generates decodes."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|user|>", "<|assistant|>", "[UNK]"]
+    tokens = specials + TINY_WORDS
+    tokens += [f"w{index}" for index in range(len(tokens), vocab_size)]
+    tokens[image_token_id] = "<image>"
+    backend = Tokenizer(models.WordLevel({token: index for index, token in enumerate(tokens)}, unk_token="[UNK]"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.add_special_tokens(["<|endoftext|>", "<|user|>", "<|assistant|>", "<image>"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="[UNK]",
+        model_max_length=model_max_length,
+    )
+
+
+def tiny_processor(config: MLMambaConfig | None = None, **tokenizer_kwargs):
+    """The processor matching a (default: tiny) config, over `tiny_tokenizer`."""
+    from modeling_mlmamba import MLMambaProcessor
+
+    config = config or MLMambaConfig.tiny()
+    tokenizer = tiny_tokenizer(config.text_config.vocab_size, config.image_token_id, **tokenizer_kwargs)
+    return MLMambaProcessor.from_model_config(config, tokenizer)
