@@ -13,12 +13,23 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
-from modeling_mlmamba import MLMambaConfig, MLMambaForConditionalGeneration
+from modeling_mlmamba import MLMambaConfig, MLMambaForConditionalGeneration, write_model_card
 
 from .mapping import ConversionError, Converted, map_all
-from .sources import build_config, load_original_checkpoint, load_timm_state_dict, load_tokenizer, read_run_config
+from .sources import (
+    build_config,
+    build_processor,
+    image_token_id_for,
+    load_original_checkpoint,
+    load_timm_state_dict,
+    load_tokenizer,
+    read_run_config,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ORIGINAL_REPO = "huangwenjun1994/ML-Mamba"
+# Table 2 of the paper (arXiv 2407.19832) for the released model; the card states where they come from.
+PAPER_RESULTS = {"VQAv2": 75.26, "GQA": 60.68, "TextVQA": 52.2, "POPE": 88.3, "VizWiz": 45.17, "VSR": 51.5}
 
 
 def cast_tensors(converted: Converted, dtype: torch.dtype) -> tuple[dict, list[str]]:
@@ -77,14 +88,16 @@ def check_output_free(output: Path) -> None:
                                "choose another --output"])
 
 
-def write_hub_folder(output: Path, model, tokenizer, max_shard_size: str) -> Path:
-    """Model (sharded safetensors, config, remote code) and tokenizer, written to a hidden sibling then renamed."""
+def write_hub_folder(output: Path, model, processor, max_shard_size: str, card: dict) -> Path:
+    """Model (sharded safetensors, config, remote code), processor with tokenizer, and model card, written to a
+    hidden sibling folder that is renamed to `output` only once complete. `card` holds `write_model_card` arguments."""
     check_output_free(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     try:
         model.save_pretrained(staging, max_shard_size=max_shard_size)
-        tokenizer.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        write_model_card(staging, model.config, model_name=output.name, **card)
         if output.exists():
             output.rmdir()  # empty, checked above
         staging.rename(output)
@@ -92,6 +105,26 @@ def write_hub_folder(output: Path, model, tokenizer, max_shard_size: str) -> Pat
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return output
+
+
+def card_arguments(run: dict, dtype: str, released: bool, repo_id: str | None, output: Path) -> dict:
+    """What the model card says: where the weights come from and, for the released configuration only, the
+    paper's results (not re-measured after conversion)."""
+    card = dict(
+        repo_id=repo_id or output.as_posix(),
+        description=(
+            f"ML-Mamba `{run.get('model_id', 'mlmamba+3b')}`, converted from the released checkpoint "
+            f"[{ORIGINAL_REPO}](https://huggingface.co/{ORIGINAL_REPO}) and timm's DINOv2-with-registers and SigLIP "
+            f"weights by this package's `conversion/convert_original_mlmamba.py`; weights saved in {dtype}."
+        ),
+    )
+    if released:
+        card.update(
+            base_model=ORIGINAL_REPO, eval_results=PAPER_RESULTS,
+            eval_source="reported for the released model in the paper (arXiv 2407.19832, Table 2), not re-measured "
+            "after conversion",
+        )
+    return card
 
 
 def push_folder(folder: Path, repo_id: str) -> None:
@@ -118,14 +151,21 @@ def convert(
     max_shard_size: str = "5GB",
     push_to_hub: str | None = None,
 ) -> Path:
-    """Convert the released checkpoint and its vision towers into a complete Hub folder at `output`."""
+    """Convert the released checkpoint, its vision towers and tokenizer into a complete Hub folder at `output`.
+
+    The image placeholder `<image>` gets the tokenizer's id for it, or the first free id (50277 when released),
+    unless `connector_config` sets `image_token_id`.
+    """
     output = Path(output)
     check_output_free(output)
     if dtype not in DTYPES:
         raise ConversionError([f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}"])
+    released = not any((dino_config, siglip_config, text_config, connector_config))
     run = read_run_config(run_config)
+    text_tokenizer = load_tokenizer(tokenizer)
+    connector_config = {"image_token_id": image_token_id_for(text_tokenizer), **(connector_config or {})}
     config = build_config(run, dino_config, siglip_config, text_config, connector_config)
-    text_tokenizer = load_tokenizer(tokenizer, config, run.get("llm_max_length"))
+    processor = build_processor(config, text_tokenizer, run.get("llm_max_length"))
     converted = map_all(
         config,
         load_original_checkpoint(checkpoint),
@@ -133,7 +173,8 @@ def convert(
         load_timm_state_dict(siglip, "SigLIP"),
     )
     model = load_validated_model(config, converted, DTYPES[dtype])
-    write_hub_folder(output, model, text_tokenizer, max_shard_size)
+    card = card_arguments(run, dtype, released, push_to_hub, output)
+    write_hub_folder(output, model, processor, max_shard_size, card)
     if push_to_hub:
         push_folder(output, push_to_hub)
     return output

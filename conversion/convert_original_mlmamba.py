@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=(
             "Convert the released ML-Mamba weights into a transformers model folder (config, sharded safetensors, "
-            "tokenizer, remote code). Every tensor is checked: all model parameters must be filled exactly once "
+            "processor and tokenizer, remote code, model card). Every tensor is checked: all model parameters "
+            "must be filled exactly once "
             "from the sources and every source tensor must be used or on the documented drop list; otherwise the "
             "command exits with status 1, lists every problem and writes nothing."
         ),
@@ -45,12 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="timm SigLIP weights: a local model.safetensors / pytorch_model.bin, a folder holding "
                              "one, or a Hub id such as timm/vit_so400m_patch14_siglip_384.webli")
     parser.add_argument("--tokenizer", required=True,
-                        help="the LM tokenizer, a local folder or a Hub id (the released model: xiuyul/mamba-2.8b-zephyr)")
+                        help="the LM tokenizer, a local folder or a Hub id (the released model: "
+                             "xiuyul/mamba-2.8b-zephyr)")
     parser.add_argument("--output", required=True, type=Path,
                         help="folder to create; it must not exist or be empty, and appears only once complete")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                         help="dtype of the saved weights; float32 (the default) keeps the released values exactly")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 500MB (default: %(default)s)")
+    parser.add_argument("--max-shard-size", default="5GB",
+                        help="largest safetensors shard, e.g. 500MB (default: %(default)s)")
     parser.add_argument("--push-to-hub", metavar="REPO",
                         help="after writing, upload the folder to this Hub model repo (created if missing)")
     parser.add_argument("--dino-config", help=OVERRIDE_HELP.format(what="DINOv2 config (Dinov2WithRegistersConfig)"))
@@ -58,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--text-config", help=OVERRIDE_HELP.format(what="Mamba-2 LM config (Mamba2Config)"))
     parser.add_argument("--connector-config",
                         help=OVERRIDE_HELP.format(what="top-level MLMambaConfig fields (connector_*, projector_type, "
-                                                       "image_token_id)"))
+                                                       "image_token_id: by default the tokenizer's <image> id, or "
+                                                       "the first free id, where <image> is added)"))
     return parser
 
 

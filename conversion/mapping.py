@@ -254,7 +254,9 @@ def map_original(checkpoint_model: Mapping) -> Converted:
     result = Converted()
     for part in checkpoint_model:
         if part not in ORIGINAL_RULES:
-            result.problems.append(f"the checkpoint's 'model' has an unexpected entry {part!r} (expected {ORIGINAL_PARTS})")
+            result.problems.append(
+                f"the checkpoint's 'model' has an unexpected entry {part!r} (expected {ORIGINAL_PARTS})"
+            )
     for part, rules in ORIGINAL_RULES.items():
         sub_state_dict = checkpoint_model.get(part)
         if not isinstance(sub_state_dict, Mapping):

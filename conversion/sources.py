@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from modeling_mlmamba import MLMambaConfig
+from modeling_mlmamba import MLMambaConfig, MLMambaProcessor
+from modeling_mlmamba.processing_mlmamba import IMAGE_TOKEN
 
 from .mapping import ORIGINAL_PARTS, ConversionError
 
@@ -150,17 +151,34 @@ def build_config(run: dict, dino=None, siglip=None, text=None, connector=None) -
         raise ConversionError([f"the config overrides do not make a valid MLMambaConfig: {error}"]) from error
 
 
-def load_tokenizer(source: str, config: MLMambaConfig, max_length=None):
-    """The LM's tokenizer (GPT-NeoX for the released model), checked to fit the LM's vocabulary."""
+def load_tokenizer(source: str):
+    """The LM's tokenizer (GPT-NeoX for the released model), from a local folder or a Hub id."""
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        return AutoTokenizer.from_pretrained(source)
     except Exception as error:
         raise ConversionError([f"cannot load the tokenizer {source!r}: {type(error).__name__}: {error}"]) from error
+
+
+def image_token_id_for(tokenizer) -> int:
+    """The id of the image placeholder: the tokenizer's own `<image>`, or the first free id, where the processor
+    adds it (50277 for the released GPT-NeoX tokenizer: the first of the LM's padding embeddings)."""
+    if IMAGE_TOKEN in tokenizer.get_vocab():
+        return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    return len(tokenizer)
+
+
+def build_processor(config: MLMambaConfig, tokenizer, max_length=None) -> MLMambaProcessor:
+    """The processor of the converted model (adds `<image>` to the tokenizer), checked against the LM's vocabulary."""
+    try:
+        processor = MLMambaProcessor.from_model_config(config, tokenizer)
+    except ValueError as error:
+        raise ConversionError([f"the tokenizer does not fit the model: {error}"]) from error
     if len(tokenizer) > config.text_config.vocab_size:
-        raise ConversionError([f"the tokenizer {source!r} has {len(tokenizer)} tokens but the language model only "
-                               f"{config.text_config.vocab_size} embeddings: wrong tokenizer or text config?"])
+        raise ConversionError([f"the tokenizer has {len(tokenizer)} tokens (with {IMAGE_TOKEN}) but the language "
+                               f"model only {config.text_config.vocab_size} embeddings: wrong tokenizer or text "
+                               "config?"])
     if max_length is not None:
         tokenizer.model_max_length = max_length
-    return tokenizer
+    return processor

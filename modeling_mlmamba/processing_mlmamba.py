@@ -8,6 +8,7 @@ tokens that the model fills with that image's features, in order.
 
 import numpy as np
 import torch
+import transformers
 from PIL import Image
 from tokenizers import AddedToken
 from transformers import BitImageProcessorPil, ProcessorMixin, SiglipImageProcessorPil
@@ -177,6 +178,7 @@ class MLMambaProcessor(ProcessorMixin):
             default_dino, default_siglip = default_image_processors()
             dino_image_processor = dino_image_processor or default_dino
             siglip_image_processor = siglip_image_processor or default_siglip
+        dino_image_processor, siglip_image_processor = map(_pil_backend, (dino_image_processor, siglip_image_processor))
         if not isinstance(image_seq_length, int) or image_seq_length < 1:
             raise ValueError(f"image_seq_length must be a positive integer, got {image_seq_length!r}")
         if padding_side not in ("left", "right"):
@@ -365,6 +367,17 @@ def _single_token_id(tokenizer, token: str) -> int:
             f"MLMambaProcessor.from_model_config, which adds it"
         )
     return ids[0]
+
+
+def _pil_backend(image_processor):
+    """The same image processor on the PIL backend, which resizes like the released transforms.
+
+    A saved image processor records its base class name (e.g. `BitImageProcessor`), and transformers reloads
+    that name with the torchvision backend whenever torchvision is installed; its resize differs slightly.
+    """
+    name = type(image_processor).__name__
+    pil_class = None if name.endswith("Pil") else getattr(transformers, f"{name}Pil", None)
+    return image_processor if pil_class is None else pil_class(**image_processor.to_dict())
 
 
 def _square_size(image_processor, tower: str) -> int:

@@ -40,7 +40,7 @@ def _randomize(module: torch.nn.Module, generator: torch.Generator) -> None:
 
 
 def tiny_timm_towers(config, dino_image_size: int, seed: int = 0):
-    """timm's DINOv2-reg4 (created at `dino_image_size`) and SigLIP at the widths of `config`'s towers, random weights."""
+    """timm's DINOv2-reg4 (created at `dino_image_size`) and SigLIP, at the widths of `config`'s towers, random."""
     import timm
 
     generator = torch.Generator().manual_seed(seed)
@@ -193,7 +193,8 @@ def reference_logits(checkpoint_model, dino, siglip, dino_pixels, siglip_pixels,
         forward = _mamba2_scan_branch(mixer, x, "", groups, eps)
         backward = _mamba2_scan_branch(mixer, x.flip(1), "_b", groups, eps).flip(1)
         x = x + ((forward + backward) / 2) @ mixer["out_proj.weight"].T
-        normed = F.layer_norm(x, x.shape[-1:], connector[f"layers.{i}.norm.weight"], connector[f"layers.{i}.norm.bias"], eps)
+        norm = _sub(connector, f"layers.{i}.norm.")
+        normed = F.layer_norm(x, x.shape[-1:], norm["weight"], norm["bias"], eps)
         mlp = _sub(connector, f"layers.{i}.mlp.")
         gate = F.silu(normed @ mlp["w1.weight"].T + mlp["w1.bias"]) * (normed @ mlp["w2.weight"].T + mlp["w2.bias"])
         x = x + gate @ mlp["w3.weight"].T + mlp["w3.bias"]
@@ -215,18 +216,6 @@ def reference_logits(checkpoint_model, dino, siglip, dino_pixels, siglip_pixels,
         hidden = hidden + scanned @ mixer["out_proj.weight"].T
     hidden = _rms_norm(hidden, llm["backbone.norm_f.weight"], text.layer_norm_epsilon)
     return (hidden @ llm["lm_head.weight"].T)[0]
-
-
-def save_tiny_tokenizer(folder, vocab_size: int) -> None:
-    """A word-level tokenizer with `vocab_size` tokens, `<|endoftext|>` first, built without the Hub."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<|endoftext|>": 0, **{f"w{i}": i for i in range(1, vocab_size)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    tokenizer.save_pretrained(folder)
 
 
 def write_run_config(path) -> None:

@@ -11,25 +11,25 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import image_prompt, random_pixels
+from conftest import image_prompt, random_pixels, tiny_tokenizer
 from original_mlmamba import (
     RELEASED_RUN_CONFIG,
-    save_tiny_tokenizer,
-    synthetic_checkpoint,
     reference_logits,
+    synthetic_checkpoint,
     timm_dino_from_file,
     tiny_timm_towers,
     write_run_config,
 )
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoModelForImageTextToText, AutoTokenizer
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from conversion.convert_original_mlmamba import main
 from conversion.mapping import resample_position_embeddings
 from conversion.sources import build_config
 
-timm = pytest.importorskip("timm")
+pytest.importorskip("timm")  # a test dependency (the dev extra): the references are timm's own towers
 
 TINY_FLAGS = {
     "--dino-config": {"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2, "image_size": 56},
@@ -57,7 +57,7 @@ def sources(tmp_path_factory):
     checkpoint = synthetic_checkpoint(config)
     torch.save(checkpoint, folder / "latest-checkpoint.pt")
     write_run_config(folder / "config.json")
-    save_tiny_tokenizer(folder / "tokenizer", vocab_size=100)
+    tiny_tokenizer(config.text_config.vocab_size, config.image_token_id).save_pretrained(folder / "tokenizer")
     return types.SimpleNamespace(
         folder=folder,
         config=config,
@@ -134,7 +134,8 @@ def test_every_saved_tensor_comes_from_the_sources(sources, converted, model):
 
     saved = saved_tensors(converted)
     dino, siglip = "model.vision_tower.dino.", "model.vision_tower.siglip."
-    assert torch.equal(saved.pop(dino + "embeddings.mask_token"), torch.zeros(1, sources.config.dino_config.hidden_size))
+    mask_token = saved.pop(dino + "embeddings.mask_token")
+    assert torch.equal(mask_token, torch.zeros(1, sources.config.dino_config.hidden_size))
     positions = saved.pop(dino + "embeddings.position_embeddings")
     assert torch.equal(positions[:, 0], torch.zeros_like(positions[:, 0]))
     assert torch.equal(positions[:, 1:], sources.dino.pos_embed.detach())  # timm's own resampling
@@ -160,17 +161,32 @@ def test_position_embeddings_are_resampled_as_timm_does():
 
 def test_output_folder_is_a_complete_hub_repo(sources, converted, model):
     files = {path.name for path in converted.iterdir()}
-    assert {"config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json"} <= files
-    assert {"configuration_mlmamba.py", "modeling_mlmamba.py", "connector.py", "ssd.py"} <= files  # remote code
+    assert {"config.json", "model.safetensors.index.json", "processor_config.json", "tokenizer.json",
+            "tokenizer_config.json", "README.md"} <= files
+    assert {"configuration_mlmamba.py", "modeling_mlmamba.py", "processing_mlmamba.py"} <= files  # remote code
     assert len([name for name in files if name.endswith(".safetensors")]) > 1
     config = json.loads((converted / "config.json").read_text())
     assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_mlmamba.MLMambaForConditionalGeneration"
-    assert config["image_token_id"] == sources.config.image_token_id
     for name in ("dino_config", "siglip_config", "text_config"):
         ours, intended = getattr(model.config, name).to_dict(), getattr(sources.config, name).to_dict()
         assert {**ours, "dtype": None} == {**intended, "dtype": None}
-    assert AutoTokenizer.from_pretrained(converted).model_max_length == RELEASED_RUN_CONFIG["model"]["llm_max_length"]
     assert not [path for path in converted.parent.iterdir() if path.name.startswith(".")]  # no staging left
+
+    processor = AutoProcessor.from_pretrained(converted)
+    assert processor.image_token_id == model.config.image_token_id == sources.config.image_token_id
+    assert processor.tokenizer.model_max_length == RELEASED_RUN_CONFIG["model"]["llm_max_length"]
+    messages = [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (90, 60), "red")},
+                                             {"type": "text", "text": "what color is the circle ?"}]}]
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    assert inputs["pixel_values"].shape == (1, 2, 3, 56, 56)
+    output = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert output.shape == (1, inputs["input_ids"].shape[1] + 3)
+
+    card = (converted / "README.md").read_text()
+    assert "huangwenjun1994/ML-Mamba" in card and "float32" in card
+    assert "base_model" not in card and "Table 2" not in card  # overridden configs are not the released model
 
 
 def test_bfloat16_output_from_a_folder_holding_a_bin_checkpoint(sources, tmp_path):
@@ -182,7 +198,8 @@ def test_bfloat16_output_from_a_folder_holding_a_bin_checkpoint(sources, tmp_pat
     saved = saved_tensors(output)
     assert {tensor.dtype for tensor in saved.values()} == {torch.bfloat16}
     name = "model.connector.layers.0.mixer.in_proj.weight"
-    assert torch.equal(saved[name], sources.checkpoint["bidirectional_mamba"]["layers.0.mixer.in_proj.weight"].bfloat16())
+    source = sources.checkpoint["bidirectional_mamba"]["layers.0.mixer.in_proj.weight"]
+    assert torch.equal(saved[name], source.bfloat16())
 
 
 def corrupted_checkpoint(sources, folder, change) -> str:
@@ -218,7 +235,8 @@ def all_three(checkpoint):
 
 MISSING = "model parameter model.connector.layers.1.mixer.directions.1.D has no source tensor"
 EXTRA = "checkpoint llm_backbone 'backbone.layers.0.mixer.extra_weight' (3,) is not used"
-SHAPE = "model.projector.layers.2.weight (from checkpoint projector 'projector.2.weight') has shape (256, 64) but the model expects (64, 256)"
+SHAPE = ("model.projector.layers.2.weight (from checkpoint projector 'projector.2.weight') has shape (256, 64) but "
+         "the model expects (64, 256)")
 
 
 @pytest.mark.parametrize(
@@ -234,9 +252,11 @@ SHAPE = "model.projector.layers.2.weight (from checkpoint projector 'projector.2
         (lambda s, f: {"--checkpoint": s.folder / "config.json"}, ["is not a torch.save file"]),
         (lambda s, f: {"--dino": s.folder / "latest-checkpoint.pt"},
          ["the DINOv2 checkpoint", "is not a flat state dict of tensors"]),
+        (lambda s, f: {"--connector-config": json.dumps({**TINY_FLAGS["--connector-config"], "image_token_id": 126})},
+         ["the tokenizer does not fit the model", "maps <image> to id 127"]),
     ],
     ids=["missing-key", "extra-key", "wrong-shape", "three-at-once", "truncated-checkpoint", "truncated-timm-file",
-         "non-checkpoint-file", "checkpoint-as-timm-file"],
+         "non-checkpoint-file", "checkpoint-as-timm-file", "placeholder-id-mismatch"],
 )
 def test_corrupted_inputs_fail_clearly_and_write_nothing(sources, tmp_path, capsys, make_input, messages):
     output = tmp_path / "out" / "ml-mamba"

@@ -4,12 +4,13 @@ import argparse
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import tiny_model, tiny_tokenizer
 from original_mlmamba import RELEASED_RUN_CONFIG, synthetic_checkpoint
 
+from conversion.convert import PAPER_RESULTS, card_arguments
 from conversion.convert_original_mlmamba import build_parser, main
 from conversion.mapping import ConversionError, apply_rules, map_original, resample_position_embeddings
-from conversion.sources import build_config, load_original_checkpoint, projector_type
+from conversion.sources import build_config, image_token_id_for, load_original_checkpoint, projector_type
 
 
 def test_original_checkpoint_fills_connector_projector_and_language_model():
@@ -109,3 +110,23 @@ def test_help_documents_every_flag(capsys):
     for flag in ("--checkpoint", "--run-config", "--dino", "--siglip", "--tokenizer", "--output", "--dtype",
                  "--push-to-hub", "--dino-config", "--siglip-config", "--text-config", "--connector-config"):
         assert flag in text
+
+
+def test_image_placeholder_takes_the_tokenizers_id_or_the_first_free_one():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    assert image_token_id_for(tiny_tokenizer(vocab_size=128, image_token_id=100)) == 100
+    backend = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "red": 1, "blue": 2}, unk_token="<|endoftext|>"))
+    without_placeholder = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
+    assert image_token_id_for(without_placeholder) == 3  # where MLMambaProcessor.from_model_config adds it
+
+
+def test_model_card_claims_paper_results_only_for_the_released_configuration(tmp_path):
+    released = card_arguments(RELEASED_RUN_CONFIG["model"], "bfloat16", True, "someone/ml-mamba", tmp_path)
+    assert released["eval_results"] == PAPER_RESULTS and released["base_model"] == "huangwenjun1994/ML-Mamba"
+    assert "Table 2" in released["eval_source"] and "bfloat16" in released["description"]
+    assert released["repo_id"] == "someone/ml-mamba"
+    overridden = card_arguments(RELEASED_RUN_CONFIG["model"], "float32", False, None, tmp_path)
+    assert "eval_results" not in overridden and "base_model" not in overridden
+    assert overridden["repo_id"] == tmp_path.as_posix()
