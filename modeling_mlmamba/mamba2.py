@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from .gemv import decode_linear
 from .ssd import ssd_scan, ssd_step
 
 try:
@@ -190,12 +191,17 @@ class CausalMamba2Mixer(nn.Module):
             cache.update_recurrent_state(final_state, self.layer_idx)
         return self.out_proj(self.norm(y, gate))
 
-    def step(self, hidden_states, conv_state, ssm_state):
+    def decay_rates(self) -> torch.Tensor:
+        """A = -exp(A_log) in float32: fixed for given weights, so decode graphs compute it once per call."""
+        return -torch.exp(self.A_log.float())
+
+    def step(self, hidden_states, conv_state, ssm_state, A=None):
         """One token (batch, hidden) -> (batch, hidden), updating both states in place (CUDA-graph friendly)."""
-        gate, xbc, dt = self.dims.split_projection(self.in_proj(hidden_states))
+        gate, xbc, dt = self.dims.split_projection(decode_linear(self.in_proj, hidden_states))
         x, B, C = self.dims.split_conv_output(causal_conv_step(xbc, conv_state, self.conv1d))
-        y = ssd_step(ssm_state, x, dt, -torch.exp(self.A_log), B, C, D=self.D, dt_bias=self.dt_bias)
-        return self.out_proj(self.norm(y.flatten(-2), gate))
+        A = self.decay_rates() if A is None else A
+        y = ssd_step(ssm_state, x, dt, A, B, C, D=self.D, dt_bias=self.dt_bias)
+        return decode_linear(self.out_proj, self.norm(y.flatten(-2), gate))
 
 
 class Mamba2LMBlock(GradientCheckpointingLayer):
@@ -212,9 +218,9 @@ class Mamba2LMBlock(GradientCheckpointingLayer):
         normed, residual = add_rms_norm(hidden_states, residual, self.norm, self.residual_in_fp32)
         return self.mixer(normed, cache=cache, attention_mask=attention_mask), residual
 
-    def step(self, hidden_states, residual, conv_state, ssm_state):
+    def step(self, hidden_states, residual, conv_state, ssm_state, A=None):
         normed, residual = add_rms_norm(hidden_states, residual, self.norm, self.residual_in_fp32)
-        return self.mixer.step(normed, conv_state, ssm_state), residual
+        return self.mixer.step(normed, conv_state, ssm_state, A), residual
 
 
 class Mamba2LanguageModel(nn.Module):
@@ -248,11 +254,15 @@ class Mamba2LanguageModel(nn.Module):
             all_hidden_states += (normed,)
         return normed, all_hidden_states
 
-    def step(self, input_ids, states):
+    def decay_rates(self) -> list[torch.Tensor]:
+        return [layer.mixer.decay_rates() for layer in self.layers]
+
+    def step(self, input_ids, states, decay_rates=None):
         """One token per sequence (batch,) -> final normed hidden (batch, hidden); `states` holds each layer's
-        (conv_state, ssm_state), updated in place."""
+        (conv_state, ssm_state), updated in place; `decay_rates` optionally each layer's precomputed A."""
         hidden_states, residual = self.embeddings(input_ids), None
-        for layer, (conv_state, ssm_state) in zip(self.layers, states):
-            hidden_states, residual = layer.step(hidden_states, residual, conv_state, ssm_state)
+        decay_rates = decay_rates or [None] * len(self.layers)
+        for layer, (conv_state, ssm_state), A in zip(self.layers, states, decay_rates):
+            hidden_states, residual = layer.step(hidden_states, residual, conv_state, ssm_state, A)
         normed, _ = add_rms_norm(hidden_states, residual, self.norm_f, self.config.residual_in_fp32)
         return normed

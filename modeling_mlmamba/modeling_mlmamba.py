@@ -15,7 +15,8 @@ from transformers.models.mamba2.modeling_mamba2 import Mamba2CausalLMOutput, Mam
 
 from .configuration_mlmamba import MLMambaConfig
 from .connector import MLMambaConnector, ScanDirection
-from .decode_graphs import DecodeGraphs
+from .cuda_graphs import DecodeGraphs, PrefillGraphs, fill_cache
+from .gemv import decode_linear
 from .mamba2 import CausalMamba2Mixer, GatedRMSNorm, Mamba2LanguageModel, RMSNorm
 
 # transformers up to 5.2x passes a Mamba cache as `cache_params`, later releases call it `cache`; the
@@ -190,15 +191,9 @@ class MLMambaModel(MLMambaPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
-        image_features = None
         placeholders = self.image_placeholder_mask(input_ids, inputs_embeds)
-        if pixel_values is not None:
-            image_features = self.get_image_features(pixel_values)
-            inputs_embeds = self.merge_image_features(inputs_embeds, placeholders, image_features)
-        elif placeholders.any() and cache is None:
-            raise ValueError(
-                f"the prompt has {int(placeholders.sum())} image placeholder tokens but no pixel_values were given"
-            )
+        self.check_image_placeholders(placeholders, pixel_values, cache)
+        inputs_embeds, image_features = self.merge_image_features(inputs_embeds, placeholders, pixel_values)
 
         use_cache = use_cache if use_cache is not None else (self.config.text_config.use_cache and not self.training)
         if use_cache and cache is None:
@@ -216,52 +211,98 @@ class MLMambaModel(MLMambaPreTrainedModel):
             **{CACHE_NAME: cache if use_cache else None},
         )
 
-    def merge_image_features(self, inputs_embeds, placeholders, image_features) -> torch.Tensor:
-        """Write the image features, image after image, into the placeholder positions of the sequence."""
-        num_features = image_features.shape[0] * image_features.shape[1]
+    def check_image_placeholders(self, placeholders, pixel_values, cache) -> None:
+        """Every image needs exactly `image_seq_length` placeholder positions (a host sync, so kept out of graphs)."""
         num_placeholders = int(placeholders.sum())
-        if num_placeholders != num_features:
+        if pixel_values is None:
+            if num_placeholders and cache is None:
+                raise ValueError(
+                    f"the prompt has {num_placeholders} image placeholder tokens but no pixel_values were given"
+                )
+            return
+        num_images, per_image = pixel_values.shape[0], self.config.image_seq_length
+        if num_placeholders != num_images * per_image:
             raise ValueError(
-                f"the prompts have {num_placeholders} image placeholder tokens but {image_features.shape[0]} image(s) "
-                f"give {num_features} image features ({image_features.shape[1]} per image); the processor expands "
-                "each placeholder to exactly that many tokens"
+                f"the prompts have {num_placeholders} image placeholder tokens but {num_images} image(s) give "
+                f"{num_images * per_image} image features ({per_image} per image); the processor expands each "
+                "placeholder to exactly that many tokens"
             )
+
+    def merge_image_features(self, inputs_embeds, placeholders, pixel_values):
+        """Write the image features, image after image, into the placeholder positions of the sequence.
+
+        Returns (embeddings, image features or None).
+        """
+        if pixel_values is None:
+            return inputs_embeds, None
+        image_features = self.get_image_features(pixel_values)
         mask = placeholders[..., None].expand_as(inputs_embeds)
-        return inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))
+        return inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype)), image_features
 
 
 class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
     """ML-Mamba with its language-modelling head: `forward` for training and scoring, `generate` for answers."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embeddings.weight"}
-    # Devices on which one-token decode steps replay a captured graph (see `decode_graphs.py`).
-    decode_graph_devices = ("cuda",)
+    # Devices on which generate() replays captured prefill and decode graphs (see `cuda_graphs.py`).
+    cuda_graph_devices = ("cuda",)
 
     def __init__(self, config: MLMambaConfig):
         super().__init__(config)
         self.model = MLMambaModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.decode_graphs = DecodeGraphs(self.decode_step, self)
+        self.decode_graphs = DecodeGraphs(self.decode_step, self.model.language_model.decay_rates, self)
+        self.prefill_graphs = PrefillGraphs(
+            self.prefill_logits, lambda: DynamicCache(config=self.config.text_config), self
+        )
         self.post_init()
 
-    def decode_step(self, input_ids: torch.Tensor, states) -> torch.Tensor:
-        """Logits (batch, vocab) of one token per sequence, updating the per-layer `states` in place."""
-        hidden_states = self.model.language_model.step(input_ids, states)
-        return self.lm_head(hidden_states.to(self.lm_head.weight.dtype)).float()
+    def prefill_logits(self, input_ids, attention_mask, pixel_values, cache) -> torch.Tensor:
+        """Last-position logits (batch, 1, vocab) of a prompt, filling `cache`; no host syncs (graph-capturable)."""
+        inputs_embeds = self.get_input_embeddings()(input_ids)
+        placeholders = self.model.image_placeholder_mask(input_ids, inputs_embeds)
+        inputs_embeds, _ = self.model.merge_image_features(inputs_embeds, placeholders, pixel_values)
+        hidden_states, _ = self.model.language_model(inputs_embeds, cache=cache, attention_mask=attention_mask)
+        return self.compute_logits(hidden_states[:, -1:])
 
-    def _replays_decode_graph(self, input_ids, cache, **other_inputs) -> bool:
-        """Whether this forward is a plain decode step that the captured graph can take."""
+    def decode_step(self, input_ids: torch.Tensor, states, decay_rates=None) -> torch.Tensor:
+        """Logits (batch, vocab) of one token per sequence, updating the per-layer `states` in place."""
+        return self.compute_logits(self.model.language_model.step(input_ids, states, decay_rates))
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The LM head in float32; a single row takes the batch-1 decode kernel in every path (eager, prefill
+        graph, decode graph), so greedy tokens do not depend on whether graphs are used."""
+        rows = hidden_states.reshape(-1, hidden_states.shape[-1]).to(self.lm_head.weight.dtype)
+        return decode_linear(self.lm_head, rows).float().view(*hidden_states.shape[:-1], -1)
+
+    def _graphs_apply(self, input_ids, cache, other_inputs) -> bool:
+        """Inference on a graph device with input ids and a cache, nothing asked for beyond the logits."""
         return (
             self.config.use_cuda_graphs
             and input_ids is not None
-            and input_ids.shape[1] == 1
-            and input_ids.device.type in self.decode_graph_devices
+            and input_ids.device.type in self.cuda_graph_devices
             and cache is not None
             and all(value is None or value is False for value in other_inputs.values())
             and not self.training
             and not torch.is_grad_enabled()
-            and cache.has_previous_state(0)
             and not getattr(cache.layers[0], "record_past", False)
+        )
+
+    def _replays_decode_graph(self, input_ids, cache, **other_inputs) -> bool:
+        """Whether this forward is a plain decode step that the captured decode graph can take."""
+        return (
+            self._graphs_apply(input_ids, cache, other_inputs)
+            and input_ids.shape[1] == 1
+            and cache.has_previous_state(0)
+        )
+
+    def _replays_prefill_graph(self, input_ids, cache, logits_to_keep, **other_inputs) -> bool:
+        """Whether this forward is the prefill of `generate()` (fresh cache, last logits only)."""
+        return (
+            self._graphs_apply(input_ids, cache, other_inputs)
+            and isinstance(logits_to_keep, int)
+            and logits_to_keep == 1
+            and not cache.has_previous_state(0)
         )
 
     def get_input_embeddings(self):
@@ -307,6 +348,17 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
         ):
             logits = self.decode_graphs.step(input_ids, cache)
             return MLMambaCausalLMOutput(logits=logits[:, None], **{CACHE_NAME: cache})
+        if self._replays_prefill_graph(
+            input_ids, cache, logits_to_keep, inputs_embeds=inputs_embeds, labels=labels,
+            output_hidden_states=output_hidden_states,
+        ):
+            placeholders = self.model.image_placeholder_mask(input_ids, None)
+            self.model.check_image_placeholders(placeholders, pixel_values, cache)
+            replayed = self.prefill_graphs.run(input_ids, attention_mask, pixel_values)
+            if replayed is not None:
+                logits, states = replayed
+                fill_cache(cache, states, self.config.text_config.conv_kernel)
+                return MLMambaCausalLMOutput(logits=logits.clone(), **{CACHE_NAME: cache})
 
         outputs = self.model(
             input_ids=input_ids,
@@ -322,7 +374,7 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
             hidden_states = hidden_states[:, -logits_to_keep:]
         elif isinstance(logits_to_keep, torch.Tensor):
             hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states.to(self.lm_head.weight.dtype)).float()
+        logits = self.compute_logits(hidden_states)
 
         loss = None
         if labels is not None:

@@ -8,13 +8,14 @@ from conftest import image_prompt, random_pixels, tiny_model
 from transformers import DynamicCache
 
 from modeling_mlmamba import mamba2, ssd
-from modeling_mlmamba.decode_graphs import cache_states
+from modeling_mlmamba import cuda_graphs
+from modeling_mlmamba.cuda_graphs import cache_states
 
 
 @pytest.fixture
 def graph_model(monkeypatch):
     model = tiny_model()
-    monkeypatch.setattr(type(model), "decode_graph_devices", ("cpu",))
+    monkeypatch.setattr(type(model), "cuda_graph_devices", ("cpu",))
     return model
 
 
@@ -131,3 +132,46 @@ def test_cpu_tensors_never_reach_gpu_kernels(monkeypatch):
     ids, pixels = prompts(model.config, 1)
     out = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=3, do_sample=False)
     assert out.shape[1] == ids.shape[1] + 3
+
+
+def test_prefill_shapes_are_captured_on_second_sight_and_match_eager(graph_model):
+    ids, pixels = prompts(graph_model.config, 2)
+    eager = generate(graph_model, ids, pixels, use_graphs=False, do_sample=False, eos_token_id=None)
+    first = generate(graph_model, ids, pixels, use_graphs=True, do_sample=False, eos_token_id=None)
+    assert not graph_model.prefill_graphs.graphs
+    second = generate(graph_model, ids, pixels, use_graphs=True, do_sample=False, eos_token_id=None)
+    assert len(graph_model.prefill_graphs.graphs) == 1
+    assert torch.equal(first, eager) and torch.equal(second, eager)
+
+
+@pytest.mark.parametrize("with_image", [True, False])
+def test_prefill_graph_gives_the_eager_logits_and_states(graph_model, with_image):
+    config = graph_model.config
+    text = list(range(5, 12))
+    ids = torch.tensor([image_prompt(config, text) if with_image else text])
+    pixels = random_pixels(1, config) if with_image else None
+    with torch.no_grad():
+        reference_cache = DynamicCache(config=config.text_config)
+        graph_model.config.use_cuda_graphs = False
+        expected = graph_model(input_ids=ids, pixel_values=pixels, cache=reference_cache, use_cache=True,
+                               logits_to_keep=1).logits
+        assert graph_model.prefill_graphs.run(ids, None, pixels) is None
+        logits, states = graph_model.prefill_graphs.run(ids, None, pixels)
+    assert torch.equal(logits, expected)
+    for (conv, ssm), (conv_ref, ssm_ref) in zip(states, cache_states(reference_cache)):
+        assert torch.equal(conv, conv_ref) and torch.equal(ssm, ssm_ref)
+
+
+def test_prefill_graphs_keep_only_the_most_recent_shapes(graph_model, monkeypatch):
+    monkeypatch.setattr(cuda_graphs, "MAX_PREFILL_GRAPHS", 2)
+    with torch.no_grad():
+        for length in (10, 10, 20, 20, 30, 30, 20):
+            graph_model.prefill_graphs.run(torch.randint(1, 100, (1, length)), None, None)
+    assert [key[0][1] for key in graph_model.prefill_graphs.graphs] == [30, 20]
+
+
+def test_prefill_graph_path_still_checks_placeholders(graph_model):
+    config = graph_model.config
+    ids = torch.tensor([image_prompt(config, [5])[2:]])
+    with pytest.raises(ValueError, match="image placeholder tokens"):
+        graph_model.generate(input_ids=ids, pixel_values=random_pixels(1, config), max_new_tokens=2)
