@@ -17,6 +17,7 @@ from collections import OrderedDict
 import torch
 
 MAX_PREFILL_GRAPHS = 8
+MAX_DECODE_GRAPHS = 4
 
 
 def cache_states(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -91,11 +92,16 @@ class DecodeGraph:
     def is_bound_to(self, cache) -> bool:
         return cache.layers[0].conv_states[0] is self.states[0][0]
 
+    def release(self) -> None:
+        """Give the bound cache, if it is still alive and bound, its own copy of the states."""
+        cache = self.bound_cache() if self.bound_cache is not None else None
+        if cache is not None and self.is_bound_to(cache):
+            set_cache_states(cache, [(conv.clone(), ssm.clone()) for conv, ssm in self.states])
+        self.bound_cache = None
+
     def bind(self, cache) -> None:
-        """Make `cache` use this graph's buffers. A previously bound cache that is still alive keeps a copy."""
-        previous = self.bound_cache() if self.bound_cache is not None else None
-        if previous is not None and previous is not cache and self.is_bound_to(previous):
-            set_cache_states(previous, [(conv.clone(), ssm.clone()) for conv, ssm in self.states])
+        """Make `cache` use this graph's buffers; a previously bound cache keeps a copy of its states."""
+        self.release()
         for (conv_buffer, ssm_buffer), (conv, ssm) in zip(self.states, cache_states(cache)):
             conv_buffer.copy_(conv)
             ssm_buffer.copy_(ssm)
@@ -131,7 +137,7 @@ class ModelGraphs:
 
 
 class DecodeGraphs(ModelGraphs):
-    """Decode graphs keyed by batch size and state dtypes."""
+    """Decode graphs keyed by batch size and state dtypes, the least recently used dropped."""
 
     def __init__(self, decode_step, decay_rates, module: torch.nn.Module):
         super().__init__(module)
@@ -149,9 +155,13 @@ class DecodeGraphs(ModelGraphs):
                 self.graphs[key] = DecodeGraph(
                     self.decode_step, self.decay_rates, input_ids, cache_states(cache), input_ids.is_cuda, self.pool
                 )
+                if len(self.graphs) > MAX_DECODE_GRAPHS:
+                    self.graphs.popitem(last=False)[1].release()
             graph = self.graphs[key]
+            self.graphs.move_to_end(key)
             graph.bind(cache)
         return graph.step(input_ids)
+
 
 
 class PrefillGraphs(ModelGraphs):

@@ -175,3 +175,12 @@ def test_prefill_graph_path_still_checks_placeholders(graph_model):
     ids = torch.tensor([image_prompt(config, [5])[2:]])
     with pytest.raises(ValueError, match="image placeholder tokens"):
         graph_model.generate(input_ids=ids, pixel_values=random_pixels(1, config), max_new_tokens=2)
+
+
+def test_decode_graphs_keep_only_the_most_recent_batch_sizes(graph_model, monkeypatch):
+    monkeypatch.setattr(cuda_graphs, "MAX_DECODE_GRAPHS", 2)
+    config = graph_model.config
+    for batch in (1, 2, 3, 2):
+        ids, pixels = prompts(config, batch)
+        generate(graph_model, ids, pixels, use_graphs=True, do_sample=False, eos_token_id=None)
+    assert [key[0] for key in graph_model.decode_graphs.graphs] == [3, 2]
