@@ -118,17 +118,19 @@ class ModelGraphs:
     """Graphs of one model, dropped when its weights change, sharing one memory pool.
 
     Graphs in a pool run one at a time and their outputs are consumed right after each replay, so one graph's
-    temporaries may reuse another's memory.
+    temporaries may reuse another's memory. A copied or pickled model starts with no graphs (they are a cache).
     """
 
-    def __init__(self, module: torch.nn.Module):
-        self.module = module
+    def __init__(self):
         self.graphs: OrderedDict = OrderedDict()
         self.fingerprint = None
         self.pool = None
 
-    def _refresh(self, device: torch.device) -> None:
-        fingerprint = weights_fingerprint(self.module)
+    def __reduce__(self):
+        return type(self), ()
+
+    def _refresh(self, model: torch.nn.Module, device: torch.device) -> None:
+        fingerprint = weights_fingerprint(model)
         if fingerprint != self.fingerprint:
             self.graphs.clear()
             self.fingerprint = fingerprint
@@ -139,21 +141,18 @@ class ModelGraphs:
 class DecodeGraphs(ModelGraphs):
     """Decode graphs keyed by batch size and state dtypes, the least recently used dropped."""
 
-    def __init__(self, decode_step, decay_rates, module: torch.nn.Module):
-        super().__init__(module)
-        self.decode_step = decode_step
-        self.decay_rates = decay_rates
+    def step(self, model, input_ids: torch.Tensor, cache) -> torch.Tensor:
+        """Next-token logits (batch, vocab) for one new token per sequence, advancing `cache` in place.
 
-    def step(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
-        """Next-token logits (batch, vocab) for one new token per sequence, advancing `cache` in place."""
+        `model` provides `decode_step(input_ids, states, decay_rates)` and `decay_rates()`."""
         conv, ssm = cache.layers[0].conv_states[0], cache.layers[0].recurrent_states[0]
         key = (input_ids.shape[0], input_ids.device, conv.dtype, ssm.dtype)
         graph = self.graphs.get(key)
         if graph is None or not graph.is_bound_to(cache):
-            self._refresh(input_ids.device)
+            self._refresh(model, input_ids.device)
             if key not in self.graphs:
                 self.graphs[key] = DecodeGraph(
-                    self.decode_step, self.decay_rates, input_ids, cache_states(cache), input_ids.is_cuda, self.pool
+                    model.decode_step, model.decay_rates, input_ids, cache_states(cache), input_ids.is_cuda, self.pool
                 )
                 if len(self.graphs) > MAX_DECODE_GRAPHS:
                     self.graphs.popitem(last=False)[1].release()
@@ -167,25 +166,20 @@ class DecodeGraphs(ModelGraphs):
 class PrefillGraphs(ModelGraphs):
     """Prefill graphs keyed by exact prompt and image shapes, the least recently used dropped."""
 
-    def __init__(self, prefill, new_cache, module: torch.nn.Module):
-        super().__init__(module)
-        self.prefill = prefill
-        self.new_cache = new_cache
+    def __init__(self):
+        super().__init__()
         self.seen: OrderedDict[tuple, None] = OrderedDict()
 
-    def _run(self, input_ids, attention_mask, pixel_values):
-        cache = self.new_cache()
-        logits = self.prefill(input_ids, attention_mask, pixel_values, cache)
-        return logits, cache_states(cache)
-
-    def run(self, input_ids, attention_mask, pixel_values):
+    def run(self, model, input_ids, attention_mask, pixel_values):
         """Last-position logits (batch, 1, vocab) and each layer's final (conv_state, ssm_state), or None the
-        first time a shape is seen (the caller then runs eagerly)."""
+        first time a shape is seen (the caller then runs eagerly).
+
+        `model` provides `prefill_logits(input_ids, attention_mask, pixel_values, cache)` and `new_cache()`."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         pixels = None if pixel_values is None else (tuple(pixel_values.shape), pixel_values.dtype)
         key = (tuple(input_ids.shape), input_ids.device, attention_mask.dtype, pixels)
-        self._refresh(input_ids.device)
+        self._refresh(model, input_ids.device)
         call = self.graphs.get(key)
         if call is None:
             if key not in self.seen:
@@ -193,7 +187,11 @@ class PrefillGraphs(ModelGraphs):
                 if len(self.seen) > 4 * MAX_PREFILL_GRAPHS:
                     self.seen.popitem(last=False)
                 return None
-            call = GraphedCall(self._run, [input_ids, attention_mask, pixel_values], input_ids.is_cuda, self.pool)
+            def prefill(ids, mask, pixels):
+                cache = model.new_cache()
+                return model.prefill_logits(ids, mask, pixels, cache), cache_states(cache)
+
+            call = GraphedCall(prefill, [input_ids, attention_mask, pixel_values], input_ids.is_cuda, self.pool)
             self.graphs[key] = call
             if len(self.graphs) > MAX_PREFILL_GRAPHS:
                 self.graphs.popitem(last=False)

@@ -129,7 +129,8 @@ class MLMambaPreTrainedModel(PreTrainedModel):
             dt = torch.exp(torch.rand(heads) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
             init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))
             init.kaiming_uniform_(module.conv1d.weight, a=math.sqrt(5))
-            init.zeros_(module.conv1d.bias)
+            if module.conv1d.bias is not None:
+                init.zeros_(module.conv1d.bias)
         elif isinstance(module, (GatedRMSNorm, RMSNorm)):
             init.ones_(module.weight)
 
@@ -251,11 +252,17 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = MLMambaModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.decode_graphs = DecodeGraphs(self.decode_step, self.model.language_model.decay_rates, self)
-        self.prefill_graphs = PrefillGraphs(
-            self.prefill_logits, lambda: DynamicCache(config=self.config.text_config), self
-        )
+        self.decode_graphs = DecodeGraphs()
+        self.prefill_graphs = PrefillGraphs()
         self.post_init()
+
+    def new_cache(self) -> DynamicCache:
+        """An empty recurrent cache for the language model (what `generate()` creates)."""
+        return DynamicCache(config=self.config.text_config)
+
+    def decay_rates(self) -> list[torch.Tensor]:
+        """Each LM layer's A = -exp(A_log), fixed for given weights (decode graphs compute it once per call)."""
+        return self.model.language_model.decay_rates()
 
     def prefill_logits(self, input_ids, attention_mask, pixel_values, cache) -> torch.Tensor:
         """Last-position logits (batch, 1, vocab) of a prompt, filling `cache`; no host syncs (graph-capturable)."""
@@ -346,7 +353,7 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
             input_ids, cache, pixel_values=pixel_values, inputs_embeds=inputs_embeds, labels=labels,
             output_hidden_states=output_hidden_states,
         ):
-            logits = self.decode_graphs.step(input_ids, cache)
+            logits = self.decode_graphs.step(self, input_ids, cache)
             return MLMambaCausalLMOutput(logits=logits[:, None], **{CACHE_NAME: cache})
         if self._replays_prefill_graph(
             input_ids, cache, logits_to_keep, inputs_embeds=inputs_embeds, labels=labels,
@@ -354,7 +361,7 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
         ):
             placeholders = self.model.image_placeholder_mask(input_ids, None)
             self.model.check_image_placeholders(placeholders, pixel_values, cache)
-            replayed = self.prefill_graphs.run(input_ids, attention_mask, pixel_values)
+            replayed = self.prefill_graphs.run(self, input_ids, attention_mask, pixel_values)
             if replayed is not None:
                 logits, states = replayed
                 fill_cache(cache, states, self.config.text_config.conv_kernel)

@@ -155,8 +155,8 @@ def test_prefill_graph_gives_the_eager_logits_and_states(graph_model, with_image
         graph_model.config.use_cuda_graphs = False
         expected = graph_model(input_ids=ids, pixel_values=pixels, cache=reference_cache, use_cache=True,
                                logits_to_keep=1).logits
-        assert graph_model.prefill_graphs.run(ids, None, pixels) is None
-        logits, states = graph_model.prefill_graphs.run(ids, None, pixels)
+        assert graph_model.prefill_graphs.run(graph_model, ids, None, pixels) is None
+        logits, states = graph_model.prefill_graphs.run(graph_model, ids, None, pixels)
     assert torch.equal(logits, expected)
     for (conv, ssm), (conv_ref, ssm_ref) in zip(states, cache_states(reference_cache)):
         assert torch.equal(conv, conv_ref) and torch.equal(ssm, ssm_ref)
@@ -166,7 +166,7 @@ def test_prefill_graphs_keep_only_the_most_recent_shapes(graph_model, monkeypatc
     monkeypatch.setattr(cuda_graphs, "MAX_PREFILL_GRAPHS", 2)
     with torch.no_grad():
         for length in (10, 10, 20, 20, 30, 30, 20):
-            graph_model.prefill_graphs.run(torch.randint(1, 100, (1, length)), None, None)
+            graph_model.prefill_graphs.run(graph_model, torch.randint(1, 100, (1, length)), None, None)
     assert [key[0][1] for key in graph_model.prefill_graphs.graphs] == [30, 20]
 
 
@@ -184,3 +184,15 @@ def test_decode_graphs_keep_only_the_most_recent_batch_sizes(graph_model, monkey
         ids, pixels = prompts(config, batch)
         generate(graph_model, ids, pixels, use_graphs=True, do_sample=False, eos_token_id=None)
     assert [key[0] for key in graph_model.decode_graphs.graphs] == [3, 2]
+
+
+def test_copied_model_starts_without_graphs(graph_model):
+    import copy
+
+    ids, pixels = prompts(graph_model.config, 1)
+    generate(graph_model, ids, pixels, use_graphs=True, do_sample=False, eos_token_id=None)
+    assert graph_model.decode_graphs.graphs
+    clone = copy.deepcopy(graph_model)
+    assert not clone.decode_graphs.graphs and not clone.prefill_graphs.graphs
+    assert torch.equal(generate(clone, ids, pixels, use_graphs=True, do_sample=False, eos_token_id=None),
+                       generate(graph_model, ids, pixels, use_graphs=True, do_sample=False, eos_token_id=None))
