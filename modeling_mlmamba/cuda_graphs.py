@@ -4,7 +4,7 @@ Launched op by op from Python, a 2.7B Mamba-2 spends most of its time on the hos
 layer and Triton's per-launch overhead (a 760-token LM prefill measured ~100 ms of CPU time for ~10 ms of
 GPU work). Captured graphs replay all of it in one launch.
 
-Decode: each `DecodeGraphs` entry owns state buffers for one batch size; at the first decode step of a
+Decode: each decode graph owns state buffers for one batch size; at the first decode step of a
 `generate()` call the cache's states are copied into them and the cache is pointed at them, so the cache stays
 the live state. Prefill: a prompt shape is captured the second time it is seen (a one-off shape runs eagerly
 and pays no capture), and the final states the graph produces are handed to the caller's cache. Replays run
@@ -114,86 +114,83 @@ class DecodeGraph:
         return self.call(input_ids[:, 0]).clone()
 
 
-class ModelGraphs:
-    """Graphs of one model, dropped when its weights change, sharing one memory pool.
+class GenerationGraphs:
+    """The prefill and decode graphs of one model, sharing one memory pool, dropped when its weights change.
 
-    Graphs in a pool run one at a time and their outputs are consumed right after each replay, so one graph's
+    The weights are checked (a walk over all modules) once per new cache, i.e. once per `generate()` call.
+    Graphs in the pool run one at a time and their outputs are consumed right after each replay, so one graph's
     temporaries may reuse another's memory. A copied or pickled model starts with no graphs (they are a cache).
     """
 
     def __init__(self):
-        self.graphs: OrderedDict = OrderedDict()
+        self.prefill_graphs: OrderedDict[tuple, GraphedCall] = OrderedDict()
+        self.decode_graphs: OrderedDict[tuple, DecodeGraph] = OrderedDict()
+        self.seen_prompts: OrderedDict[tuple, None] = OrderedDict()
         self.fingerprint = None
+        self.checked_cache = None
         self.pool = None
 
     def __reduce__(self):
         return type(self), ()
 
-    def _refresh(self, model: torch.nn.Module, device: torch.device) -> None:
+    def _check_weights(self, model: torch.nn.Module, cache, device: torch.device) -> None:
+        if self.checked_cache is not None and self.checked_cache() is cache:
+            return
         fingerprint = weights_fingerprint(model)
         if fingerprint != self.fingerprint:
-            self.graphs.clear()
+            self.prefill_graphs.clear()
+            self.decode_graphs.clear()
             self.fingerprint = fingerprint
+        self.checked_cache = weakref.ref(cache)
         if device.type == "cuda" and self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
 
-
-class DecodeGraphs(ModelGraphs):
-    """Decode graphs keyed by batch size and state dtypes, the least recently used dropped."""
-
-    def step(self, model, input_ids: torch.Tensor, cache) -> torch.Tensor:
-        """Next-token logits (batch, vocab) for one new token per sequence, advancing `cache` in place.
-
-        `model` provides `decode_step(input_ids, states, decay_rates)` and `decay_rates()`."""
-        conv, ssm = cache.layers[0].conv_states[0], cache.layers[0].recurrent_states[0]
-        key = (input_ids.shape[0], input_ids.device, conv.dtype, ssm.dtype)
-        graph = self.graphs.get(key)
-        if graph is None or not graph.is_bound_to(cache):
-            self._refresh(model, input_ids.device)
-            if key not in self.graphs:
-                self.graphs[key] = DecodeGraph(
-                    model.decode_step, model.decay_rates, input_ids, cache_states(cache), input_ids.is_cuda, self.pool
-                )
-                if len(self.graphs) > MAX_DECODE_GRAPHS:
-                    self.graphs.popitem(last=False)[1].release()
-            graph = self.graphs[key]
-            self.graphs.move_to_end(key)
-            graph.bind(cache)
-        return graph.step(input_ids)
-
-
-
-class PrefillGraphs(ModelGraphs):
-    """Prefill graphs keyed by exact prompt and image shapes, the least recently used dropped."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen: OrderedDict[tuple, None] = OrderedDict()
-
-    def run(self, model, input_ids, attention_mask, pixel_values):
-        """Last-position logits (batch, 1, vocab) and each layer's final (conv_state, ssm_state), or None the
-        first time a shape is seen (the caller then runs eagerly).
+    def prefill(self, model, cache, input_ids, attention_mask, pixel_values):
+        """Last-position logits (batch, 1, vocab) of a prompt, its final states stored in the empty `cache`; or None
+        the first time a prompt shape is seen (the caller then runs eagerly).
 
         `model` provides `prefill_logits(input_ids, attention_mask, pixel_values, cache)` and `new_cache()`."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         pixels = None if pixel_values is None else (tuple(pixel_values.shape), pixel_values.dtype)
         key = (tuple(input_ids.shape), input_ids.device, attention_mask.dtype, pixels)
-        self._refresh(model, input_ids.device)
-        call = self.graphs.get(key)
+        if key not in self.prefill_graphs and key not in self.seen_prompts:
+            self.seen_prompts[key] = None
+            if len(self.seen_prompts) > 4 * MAX_PREFILL_GRAPHS:
+                self.seen_prompts.popitem(last=False)
+            return None
+        self._check_weights(model, cache, input_ids.device)
+        call = self.prefill_graphs.get(key)
         if call is None:
-            if key not in self.seen:
-                self.seen[key] = None
-                if len(self.seen) > 4 * MAX_PREFILL_GRAPHS:
-                    self.seen.popitem(last=False)
-                return None
             def prefill(ids, mask, pixels):
-                cache = model.new_cache()
-                return model.prefill_logits(ids, mask, pixels, cache), cache_states(cache)
+                graph_cache = model.new_cache()
+                return model.prefill_logits(ids, mask, pixels, graph_cache), cache_states(graph_cache)
 
             call = GraphedCall(prefill, [input_ids, attention_mask, pixel_values], input_ids.is_cuda, self.pool)
-            self.graphs[key] = call
-            if len(self.graphs) > MAX_PREFILL_GRAPHS:
-                self.graphs.popitem(last=False)
-        self.graphs.move_to_end(key)
-        return call(input_ids, attention_mask, pixel_values)
+            self.prefill_graphs[key] = call
+            if len(self.prefill_graphs) > MAX_PREFILL_GRAPHS:
+                self.prefill_graphs.popitem(last=False)
+        self.prefill_graphs.move_to_end(key)
+        logits, states = call(input_ids, attention_mask, pixel_values)
+        fill_cache(cache, states, model.config.text_config.conv_kernel)
+        return logits.clone()
+
+    def decode(self, model, input_ids: torch.Tensor, cache) -> torch.Tensor:
+        """Next-token logits (batch, vocab) for one new token per sequence, advancing `cache` in place.
+
+        `model` provides `decode_step(input_ids, states, decay_rates)` and `decay_rates()`."""
+        conv, ssm = cache.layers[0].conv_states[0], cache.layers[0].recurrent_states[0]
+        key = (input_ids.shape[0], input_ids.device, conv.dtype, ssm.dtype)
+        graph = self.decode_graphs.get(key)
+        if graph is None or not graph.is_bound_to(cache):
+            self._check_weights(model, cache, input_ids.device)
+            if key not in self.decode_graphs:
+                self.decode_graphs[key] = DecodeGraph(
+                    model.decode_step, model.decay_rates, input_ids, cache_states(cache), input_ids.is_cuda, self.pool
+                )
+                if len(self.decode_graphs) > MAX_DECODE_GRAPHS:
+                    self.decode_graphs.popitem(last=False)[1].release()
+            graph = self.decode_graphs[key]
+            self.decode_graphs.move_to_end(key)
+            graph.bind(cache)
+        return graph.step(input_ids)

@@ -15,7 +15,7 @@ from transformers.models.mamba2.modeling_mamba2 import Mamba2CausalLMOutput, Mam
 
 from .configuration_mlmamba import MLMambaConfig
 from .connector import MLMambaConnector, ScanDirection
-from .cuda_graphs import DecodeGraphs, PrefillGraphs, fill_cache
+from .cuda_graphs import GenerationGraphs
 from .gemv import decode_linear
 from .mamba2 import CausalMamba2Mixer, GatedRMSNorm, Mamba2LanguageModel, RMSNorm
 
@@ -252,8 +252,7 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = MLMambaModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.decode_graphs = DecodeGraphs()
-        self.prefill_graphs = PrefillGraphs()
+        self.cuda_graphs = GenerationGraphs()
         self.post_init()
 
     def new_cache(self) -> DynamicCache:
@@ -353,7 +352,7 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
             input_ids, cache, pixel_values=pixel_values, inputs_embeds=inputs_embeds, labels=labels,
             output_hidden_states=output_hidden_states,
         ):
-            logits = self.decode_graphs.step(self, input_ids, cache)
+            logits = self.cuda_graphs.decode(self, input_ids, cache)
             return MLMambaCausalLMOutput(logits=logits[:, None], **{CACHE_NAME: cache})
         if self._replays_prefill_graph(
             input_ids, cache, logits_to_keep, inputs_embeds=inputs_embeds, labels=labels,
@@ -361,11 +360,9 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
         ):
             placeholders = self.model.image_placeholder_mask(input_ids, None)
             self.model.check_image_placeholders(placeholders, pixel_values, cache)
-            replayed = self.prefill_graphs.run(self, input_ids, attention_mask, pixel_values)
-            if replayed is not None:
-                logits, states = replayed
-                fill_cache(cache, states, self.config.text_config.conv_kernel)
-                return MLMambaCausalLMOutput(logits=logits.clone(), **{CACHE_NAME: cache})
+            logits = self.cuda_graphs.prefill(self, cache, input_ids, attention_mask, pixel_values)
+            if logits is not None:
+                return MLMambaCausalLMOutput(logits=logits, **{CACHE_NAME: cache})
 
         outputs = self.model(
             input_ids=input_ids,

@@ -34,9 +34,9 @@ def prompts(config, batch):
 def test_greedy_tokens_identical_with_and_without_graphs(graph_model):
     ids, pixels = prompts(graph_model.config, 2)
     eager = generate(graph_model, ids, pixels, use_graphs=False, do_sample=False, eos_token_id=None)
-    assert not graph_model.decode_graphs.graphs
+    assert not graph_model.cuda_graphs.decode_graphs
     replayed = generate(graph_model, ids, pixels, use_graphs=True, do_sample=False, eos_token_id=None)
-    assert len(graph_model.decode_graphs.graphs) == 1
+    assert len(graph_model.cuda_graphs.decode_graphs) == 1
     assert torch.equal(replayed, eager)
 
 
@@ -57,12 +57,12 @@ def test_one_graph_per_batch_size_reused_across_calls(graph_model):
     for batch in (1, 2, 1):
         ids, pixels = prompts(config, batch)
         generate(graph_model, ids, pixels, use_graphs=True, do_sample=False, eos_token_id=None)
-    assert sorted(key[0] for key in graph_model.decode_graphs.graphs) == [1, 2]
+    assert sorted(key[0] for key in graph_model.cuda_graphs.decode_graphs) == [1, 2]
 
 
 def test_cache_is_bound_to_graph_buffers_and_an_older_live_cache_keeps_its_state(graph_model):
     config = graph_model.config
-    graphs = graph_model.decode_graphs
+    graphs = graph_model.cuda_graphs
 
     def prefill(seed):
         ids = torch.tensor([image_prompt(config, [5 + seed, 6])])
@@ -77,7 +77,7 @@ def test_cache_is_bound_to_graph_buffers_and_an_older_live_cache_keeps_its_state
     with torch.no_grad():
         graph_model(input_ids=token, cache=first)
         advanced = [(conv.clone(), ssm.clone()) for conv, ssm in cache_states(first)]
-        graph = next(iter(graphs.graphs.values()))
+        graph = next(iter(graphs.decode_graphs.values()))
         assert graph.is_bound_to(first)
         assert any(not torch.equal(a[1], b[1]) for a, b in zip(advanced, first_states))
 
@@ -92,11 +92,11 @@ def test_cache_is_bound_to_graph_buffers_and_an_older_live_cache_keeps_its_state
 def test_changed_weights_rebuild_the_graphs(graph_model):
     ids, pixels = prompts(graph_model.config, 1)
     generate(graph_model, ids, pixels, use_graphs=True, do_sample=False, eos_token_id=None)
-    old_graph = next(iter(graph_model.decode_graphs.graphs.values()))
+    old_graph = next(iter(graph_model.cuda_graphs.decode_graphs.values()))
     graph_model.lm_head = torch.nn.Linear(graph_model.lm_head.in_features, graph_model.lm_head.out_features,
                                           bias=False)
     generate(graph_model, ids, pixels, use_graphs=True, do_sample=False, eos_token_id=None)
-    assert next(iter(graph_model.decode_graphs.graphs.values())) is not old_graph
+    assert next(iter(graph_model.cuda_graphs.decode_graphs.values())) is not old_graph
 
 
 def test_graphs_are_not_used_outside_plain_decoding(graph_model):
@@ -138,9 +138,9 @@ def test_prefill_shapes_are_captured_on_second_sight_and_match_eager(graph_model
     ids, pixels = prompts(graph_model.config, 2)
     eager = generate(graph_model, ids, pixels, use_graphs=False, do_sample=False, eos_token_id=None)
     first = generate(graph_model, ids, pixels, use_graphs=True, do_sample=False, eos_token_id=None)
-    assert not graph_model.prefill_graphs.graphs
+    assert not graph_model.cuda_graphs.prefill_graphs
     second = generate(graph_model, ids, pixels, use_graphs=True, do_sample=False, eos_token_id=None)
-    assert len(graph_model.prefill_graphs.graphs) == 1
+    assert len(graph_model.cuda_graphs.prefill_graphs) == 1
     assert torch.equal(first, eager) and torch.equal(second, eager)
 
 
@@ -155,10 +155,11 @@ def test_prefill_graph_gives_the_eager_logits_and_states(graph_model, with_image
         graph_model.config.use_cuda_graphs = False
         expected = graph_model(input_ids=ids, pixel_values=pixels, cache=reference_cache, use_cache=True,
                                logits_to_keep=1).logits
-        assert graph_model.prefill_graphs.run(graph_model, ids, None, pixels) is None
-        logits, states = graph_model.prefill_graphs.run(graph_model, ids, None, pixels)
+        graph_cache = DynamicCache(config=config.text_config)
+        assert graph_model.cuda_graphs.prefill(graph_model, graph_cache, ids, None, pixels) is None
+        logits = graph_model.cuda_graphs.prefill(graph_model, graph_cache, ids, None, pixels)
     assert torch.equal(logits, expected)
-    for (conv, ssm), (conv_ref, ssm_ref) in zip(states, cache_states(reference_cache)):
+    for (conv, ssm), (conv_ref, ssm_ref) in zip(cache_states(graph_cache), cache_states(reference_cache)):
         assert torch.equal(conv, conv_ref) and torch.equal(ssm, ssm_ref)
 
 
@@ -166,8 +167,9 @@ def test_prefill_graphs_keep_only_the_most_recent_shapes(graph_model, monkeypatc
     monkeypatch.setattr(cuda_graphs, "MAX_PREFILL_GRAPHS", 2)
     with torch.no_grad():
         for length in (10, 10, 20, 20, 30, 30, 20):
-            graph_model.prefill_graphs.run(graph_model, torch.randint(1, 100, (1, length)), None, None)
-    assert [key[0][1] for key in graph_model.prefill_graphs.graphs] == [30, 20]
+            cache = DynamicCache(config=graph_model.config.text_config)
+            graph_model.cuda_graphs.prefill(graph_model, cache, torch.randint(1, 100, (1, length)), None, None)
+    assert [key[0][1] for key in graph_model.cuda_graphs.prefill_graphs] == [30, 20]
 
 
 def test_prefill_graph_path_still_checks_placeholders(graph_model):
@@ -183,7 +185,7 @@ def test_decode_graphs_keep_only_the_most_recent_batch_sizes(graph_model, monkey
     for batch in (1, 2, 3, 2):
         ids, pixels = prompts(config, batch)
         generate(graph_model, ids, pixels, use_graphs=True, do_sample=False, eos_token_id=None)
-    assert [key[0] for key in graph_model.decode_graphs.graphs] == [3, 2]
+    assert [key[0] for key in graph_model.cuda_graphs.decode_graphs] == [3, 2]
 
 
 def test_copied_model_starts_without_graphs(graph_model):
@@ -191,8 +193,8 @@ def test_copied_model_starts_without_graphs(graph_model):
 
     ids, pixels = prompts(graph_model.config, 1)
     generate(graph_model, ids, pixels, use_graphs=True, do_sample=False, eos_token_id=None)
-    assert graph_model.decode_graphs.graphs
+    assert graph_model.cuda_graphs.decode_graphs
     clone = copy.deepcopy(graph_model)
-    assert not clone.decode_graphs.graphs and not clone.prefill_graphs.graphs
+    assert not clone.cuda_graphs.decode_graphs and not clone.cuda_graphs.prefill_graphs
     assert torch.equal(generate(clone, ids, pixels, use_graphs=True, do_sample=False, eos_token_id=None),
                        generate(graph_model, ids, pixels, use_graphs=True, do_sample=False, eos_token_id=None))
