@@ -11,10 +11,10 @@ DEFAULT_TAGS = ("ml-mamba", "mamba2", "multimodal", "vision-language", "custom_c
 USAGE = '''```python
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
-
+{package_import}
 repo = "{repo}"
-processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
-model = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True)
+processor = AutoProcessor.from_pretrained(repo{remote_code})
+model = AutoModelForImageTextToText.from_pretrained(repo{remote_code})
 
 image = Image.new("RGB", ({size}, {size}), "white")  # your picture, e.g. Image.open("photo.jpg")
 content = [{{"type": "image", "image": image}}, {{"type": "text", "text": "{question}"}}]
@@ -41,6 +41,8 @@ def write_model_card(
     eval_metric: str = "accuracy",
     eval_source: str | None = None,
     description: str | None = None,
+    question: str = "What is in the image?",
+    remote_code: bool = True,
 ) -> ModelCard:
     """Write `folder/README.md` for a saved ML-Mamba model and return the card.
 
@@ -56,6 +58,9 @@ def write_model_card(
         eval_metric: the metric of those scores.
         eval_source: where the scores come from (e.g. "reported in the paper, Table 2"), stated under the table.
         description: a paragraph about this checkpoint, placed under the title.
+        question: the question of the usage snippet.
+        remote_code: whether the folder carries the model code (`save_pretrained` copies it); without it the
+            card tells users to import `modeling_mlmamba`, which registers the classes.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -84,10 +89,12 @@ def write_model_card(
         description or f"An [ML-Mamba]({PAPER_URL}) multimodal model: two vision towers, the Mamba-2 Scan "
         "Connector and a Mamba-2 language model that answers in linear time.",
         "## Usage",
-        "The model code travels with the weights, so `trust_remote_code=True` is needed.",
+        "The model code travels with the weights, so `trust_remote_code=True` is needed." if remote_code else
+        "The model code comes from the `modeling_mlmamba` package: `import modeling_mlmamba` registers it.",
         USAGE.format(
-            repo=repo_id or folder.as_posix(), size=config.dino_config.image_size,
-            question="What is in the image?",
+            repo=repo_id or folder.as_posix(), size=config.dino_config.image_size, question=question,
+            package_import="" if remote_code else "\nimport modeling_mlmamba  # registers ML-Mamba's classes\n",
+            remote_code=", trust_remote_code=True" if remote_code else "",
         ),
         "## Architecture",
         architecture_summary(config),

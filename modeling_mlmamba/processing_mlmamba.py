@@ -267,7 +267,7 @@ class MLMambaProcessor(ProcessorMixin):
         if kwargs.get("return_text_replacement_offsets"):
             text_inputs["text_replacement_offsets"] = offsets
         if flat_images:
-            text_inputs["pixel_values"] = self._pixel_values(flat_images)
+            text_inputs["pixel_values"] = self.preprocess_images(flat_images)
         return BatchFeature(
             dict(text_inputs), tensor_type=kwargs.get("return_tensors"),
             skip_tensor_conversion=["text_replacement_offsets"],
@@ -341,8 +341,10 @@ class MLMambaProcessor(ProcessorMixin):
             del encoding["attention_mask"]
         return encoding
 
-    def _pixel_values(self, images: list[Image.Image]) -> np.ndarray:
-        """(images, 2, 3, H, W): each image normalised for DINOv2, then for SigLIP."""
+    def preprocess_images(self, images: list) -> np.ndarray:
+        """(images, 2, 3, H, W) float32: each image (any type `to_rgb_image` takes) normalised for DINOv2, then
+        for SigLIP. What `__call__` puts in `pixel_values`; data collators that tokenize on their own use it too."""
+        images = [_checked_rgb(image, index) for index, image in enumerate(images)]
         towers = [
             np.asarray(processor(images, return_tensors="np")["pixel_values"], dtype=np.float32)
             for processor in (self.dino_image_processor, self.siglip_image_processor)
