@@ -7,7 +7,7 @@ Finetune a converted checkpoint on LLaVA-v1.5 instructions (the released recipe'
 
     python examples/finetune.py --model_name_or_path ml-mamba-hf --stage finetune \\
         --data_file llava_v1_5_mix665k.json --image_folder llava-images --output_dir runs/finetune \\
-        --bf16 --gradient_checkpointing --learning_rate 2e-5 --weight_decay 0.1 --warmup_ratio 0.03 \\
+        --bf16 --gradient_checkpointing --learning_rate 2e-5 --weight_decay 0.1 --warmup_steps 0.03 \\
         --lr_scheduler_type cosine --per_device_train_batch_size 16 --gradient_accumulation_steps 8
 
 Train a new model from a config file and a tokenizer (how the embedded default model was made, see README):
@@ -24,15 +24,12 @@ from transformers import AutoProcessor, AutoTokenizer, HfArgumentParser, Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_mlmamba import MLMambaConfig, MLMambaForConditionalGeneration, MLMambaProcessor, write_model_card
-from modeling_mlmamba.training import (
-    TRAINING_STAGES,
-    LlavaConversationDataset,
-    MLMambaDataCollator,
-    set_training_stage,
-)
+from modeling_mlmamba.training import TRAINING_STAGES, LlavaConversationDataset, MLMambaDataCollator, set_training_stage
 
 # Config fields that may differ between a checkpoint and the model resuming from it.
-RESUMABLE_DIFFERENCES = {"transformers_version", "architectures", "auto_map", "dtype", "torch_dtype", "use_cuda_graphs"}
+RESUMABLE_DIFFERENCES = {
+    "_name_or_path", "transformers_version", "architectures", "auto_map", "dtype", "torch_dtype", "use_cuda_graphs",
+}
 
 
 @dataclass
@@ -73,9 +70,9 @@ def build_model_and_processor(args: ModelArguments):
         return model, AutoProcessor.from_pretrained(args.model_name_or_path)
     if args.tokenizer is None:
         raise ValueError("--config_file needs --tokenizer: a new model still needs its tokenizer")
-    settings = json.loads(Path(args.config_file).read_text())
-    settings.update(json.loads(args.config_overrides or "{}"))
-    config = MLMambaConfig(**settings)
+    config = MLMambaConfig.from_json_file(args.config_file)
+    if args.config_overrides:
+        config = MLMambaConfig.from_dict({**config.to_dict(), **json.loads(args.config_overrides)})
     processor = MLMambaProcessor.from_model_config(config, AutoTokenizer.from_pretrained(args.tokenizer))
     return MLMambaForConditionalGeneration(config), processor
 
@@ -97,8 +94,7 @@ def resume_checkpoint(training_args: TrainingArguments) -> str | None:
 
 def check_same_config(checkpoint: str, config: MLMambaConfig) -> None:
     """Refuse to resume from a checkpoint of another model, before any training step."""
-    saved = json.loads((Path(checkpoint) / "config.json").read_text())
-    current = config.to_dict()
+    saved, current = MLMambaConfig.from_pretrained(checkpoint).to_dict(), config.to_dict()
     differing = sorted(
         key for key in (set(saved) | set(current)) - RESUMABLE_DIFFERENCES if saved.get(key) != current.get(key)
     )
@@ -109,11 +105,34 @@ def check_same_config(checkpoint: str, config: MLMambaConfig) -> None:
         )
 
 
+def train(model, processor, dataset, training_args: TrainingArguments, max_length: int | None, checkpoint=None):
+    """Run `Trainer` and write the final model (one full state dict, also under FSDP), its processor, the metrics
+    and the trainer state to `training_args.output_dir`; returns the trainer."""
+    # Samples are raw conversations and images that the collator turns into tensors: keep every field.
+    training_args.remove_unused_columns = False
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=MLMambaDataCollator(processor, max_length),
+        processing_class=processor,
+    )
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    if trainer.is_fsdp_enabled:
+        # Checkpoints stay sharded while training; the final folder gets one full, Hub-ready state dict.
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model()
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(training_args.output_dir)
+    return trainer
+
+
 def main(argv: list[str] | None = None) -> Trainer:
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    # Samples are raw conversations and images that the collator turns into tensors: keep every field.
-    training_args.remove_unused_columns = False
     set_seed(training_args.seed)
 
     dataset = LlavaConversationDataset(data_args.data_file, data_args.image_folder)
@@ -123,20 +142,8 @@ def main(argv: list[str] | None = None) -> Trainer:
         check_same_config(checkpoint, model.config)
     set_training_stage(model, model_args.stage)
 
-    trainer = Trainer(
-        model=model,
-        args=training_args,
-        train_dataset=dataset,
-        data_collator=MLMambaDataCollator(processor, data_args.max_length),
-        processing_class=processor,
-    )
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_model()
-    trainer.log_metrics("train", result.metrics)
-    trainer.save_metrics("train", result.metrics)
-    trainer.save_state()
+    trainer = train(model, processor, dataset, training_args, data_args.max_length, checkpoint)
     if trainer.is_world_process_zero():
-        processor.save_pretrained(training_args.output_dir)
         write_model_card(
             training_args.output_dir, model.config, base_model=model_args.model_name_or_path,
             description=f"ML-Mamba trained with `examples/finetune.py` (stage `{model_args.stage}`) on "

@@ -1,5 +1,7 @@
 """ML-Mamba for Hugging Face transformers. Importing this package registers it with the Auto classes."""
 
+from pathlib import Path
+
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -13,6 +15,9 @@ from .modeling_mlmamba import MLMambaForConditionalGeneration, MLMambaModel, MLM
 from .model_card import write_model_card
 from .processing_mlmamba import MLMambaProcessor
 
+# The embedded default model: a tiny ML-Mamba trained on shapes-vqa, what `python -m modeling_mlmamba` runs.
+DEFAULT_MODEL = str(Path(__file__).resolve().parent / "default_model")
+
 AutoConfig.register(MLMambaConfig.model_type, MLMambaConfig, exist_ok=True)
 AutoModel.register(MLMambaConfig, MLMambaModel, exist_ok=True)
 AutoModelForImageTextToText.register(MLMambaConfig, MLMambaForConditionalGeneration, exist_ok=True)
@@ -25,6 +30,6 @@ MLMambaForConditionalGeneration.register_for_auto_class("AutoModelForImageTextTo
 MLMambaProcessor.register_for_auto_class()
 
 __all__ = [
-    "MLMambaConfig", "MLMambaForConditionalGeneration", "MLMambaModel", "MLMambaPreTrainedModel", "MLMambaProcessor",
+    "DEFAULT_MODEL", "MLMambaConfig", "MLMambaForConditionalGeneration", "MLMambaModel", "MLMambaPreTrainedModel", "MLMambaProcessor",
     "write_model_card",
 ]

@@ -2,8 +2,8 @@
 
 Scenes of one to three filled shapes on a white 128x128 canvas, six kinds of questions with one-word answers.
 Everything is drawn from a seeded `random.Random`, so a seed gives the same scenes, images and questions on every
-machine. Each scene belongs to one split by a hash of its content: the train and test splits can never share a
-scene, whatever seeds and sizes are used.
+machine. Each scene belongs to one split by a hash of its objects (in drawing order), so whatever seeds and sizes
+are used, a test scene can only appear in training data if the same boxes are drawn to the pixel in the same order.
 
     python -m modeling_mlmamba.shapes_vqa --output data/shapes --num-images 20000 --seed 0
 
@@ -62,7 +62,7 @@ Scene = tuple[ShapeObject, ...]
 
 
 def scene_split(scene: Scene) -> str:
-    """The split a scene belongs to, from a hash of its content."""
+    """The split a scene belongs to, from a hash of its objects in drawing order."""
     digest = hashlib.sha256(repr(scene).encode()).digest()
     return "test" if int.from_bytes(digest[:4], "big") % TEST_FRACTION == 0 else "train"
 

@@ -119,7 +119,8 @@ class MLMambaDataCollator:
 
     Each turn is tokenized on its own, as the released training did, so an answer's tokens are exactly the
     tokens the model generates after the chat template's generation prompt. Samples longer than `max_length`
-    are cut from the end with a warning; a cut that would split the image drops the image and its placeholder.
+    are cut from the end with a warning; a cut that would split the image drops the image and its placeholders
+    (the text is then cut on its own).
     """
 
     def __init__(self, processor, max_length: int | None = None):
@@ -149,16 +150,15 @@ class MLMambaDataCollator:
     def _truncate(self, input_ids, labels, image):
         logger.warning("a training sample of %d tokens is cut to max_length=%d", len(input_ids), self.max_length)
         image_id = self.processor.image_token_id
-        input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
-        kept = input_ids.count(image_id)
+        kept = input_ids[: self.max_length].count(image_id)
         if image is not None and kept < self.processor.image_seq_length:
+            # Without its image the text still trains: drop every placeholder first, then cut what remains.
             logger.warning("the cut splits the image (%d of its %d tokens left): the image is dropped",
                            kept, self.processor.image_seq_length)
-            keep = [token != image_id for token in input_ids]
-            input_ids = [t for t, k in zip(input_ids, keep) if k]
-            labels = [t for t, k in zip(labels, keep) if k]
+            text = [(token, label) for token, label in zip(input_ids, labels) if token != image_id]
+            input_ids, labels = [token for token, _ in text], [label for _, label in text]
             image = None
-        return input_ids, labels, image
+        return input_ids[: self.max_length], labels[: self.max_length], image
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         encoded = [self.encode(sample) for sample in samples]

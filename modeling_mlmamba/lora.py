@@ -1,0 +1,40 @@
+"""LoRA for ML-Mamba with peft: low-rank adapters on the language model's Mamba-2 projections, while the
+connector and the projector (small, and new in ML-Mamba) train in full and are saved with the adapter.
+
+    from peft import get_peft_model
+    model = get_peft_model(MLMambaForConditionalGeneration.from_pretrained(folder), lora_config(rank=16))
+
+The adapter leaves every forward path of the model in place: the mixers call `in_proj` and `out_proj` as modules
+in training, prefill and decode steps (the batch-1 decode kernel in `gemv.py` takes plain `nn.Linear` only), so
+a peft-wrapped projection is never bypassed.
+"""
+
+from peft import LoraConfig
+
+# Module names under `MLMambaForConditionalGeneration` ("model.language_model...") or `MLMambaModel`
+# ("language_model..."). Scoped to the language model on purpose: a bare `out_proj` also names SigLIP's attention
+# output, and the connector's Mamba-2 blocks have mixers with the same `in_proj`/`out_proj` names.
+LANGUAGE_MODEL_PROJECTIONS = r"(.*\.)?language_model\.layers\.\d+\.mixer\.(in_proj|out_proj)"
+
+# Trained in full and stored in the adapter folder: the released model trains them in every stage.
+FULLY_TRAINED_MODULES = ("connector", "projector")
+
+
+def lora_config(rank: int = 16, alpha: float = 32, dropout: float = 0.05) -> LoraConfig:
+    """The LoRA setup for ML-Mamba: rank-`rank` adapters scaled by `alpha / rank` on the language model's
+    `in_proj` and `out_proj`, connector and projector trained in full.
+
+    No `task_type`: the plain `PeftModel` passes every argument (`pixel_values`, the recurrent cache) straight to
+    the model's own `forward` and `generate`; peft's causal-LM wrapper adds only prompt-learning input handling,
+    which LoRA does not use. Load a saved adapter with `PeftModel.from_pretrained(base_model, adapter_folder)`.
+    """
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=LANGUAGE_MODEL_PROJECTIONS,
+        modules_to_save=list(FULLY_TRAINED_MODULES),
+    )
+
+
+__all__ = ["FULLY_TRAINED_MODULES", "LANGUAGE_MODEL_PROJECTIONS", "lora_config"]
