@@ -1,9 +1,14 @@
 """Connector mini-ablation on shapes-vqa, like the paper's connector study: the `mlp` baseline against the Mamba-2
 Scan Connector with bidirectional and with cross scans, same data, same budget, several seeds.
 
+As in the paper, the connectors are trained between a vision encoder and a language model that already exist:
+each run takes the vision towers and the LM of a trained shapes-vqa model (`--base`, e.g. the embedded default
+model), gives it a freshly initialised connector and projector of the variant, and trains only those (the `align`
+stage) with `examples/finetune.py`.
+
     python -m modeling_mlmamba.shapes_vqa --output data/shapes --num-images 30000 --seed 0
-    python examples/ablation.py --data data/shapes --output runs/ablation --seeds 0 1 2 -- \\
-        --max_steps 400 --per_device_train_batch_size 32 --learning_rate 1e-3
+    python examples/ablation.py --data data/shapes --base modeling_mlmamba/default_model --output runs/ablation \\
+        --seeds 0 1 2 -- --max_steps 300 --per_device_train_batch_size 32 --learning_rate 1e-3
 
 Everything after `--` goes to `examples/finetune.py` unchanged, for every run. Prints a Markdown table of
 per-question-type accuracy (mean and spread over seeds) and writes `results.json` in the output folder.
@@ -18,28 +23,43 @@ from pathlib import Path
 
 import torch
 
-from modeling_mlmamba import MLMambaForConditionalGeneration, MLMambaProcessor
+from modeling_mlmamba import MLMambaConfig, MLMambaForConditionalGeneration, MLMambaProcessor
 from modeling_mlmamba.shapes_vqa import EVAL_IMAGES, EVAL_SEED, QUESTION_TYPES, evaluate
 
-CONFIG_FILE = Path(__file__).resolve().parent / "configs" / "shapes-vqa.json"
 FINETUNE = Path(__file__).resolve().parent / "finetune.py"
 VARIANTS = {
     "mlp": {"connector_type": "mlp"},
     "msc-bidirectional": {"connector_type": "msc", "connector_scan": "bidirectional"},
     "msc-cross": {"connector_type": "msc", "connector_scan": "cross"},
 }
+# What each run trains from scratch; everything else comes from the base model.
+TRAINED_PREFIXES = ("model.connector.", "model.projector.")
 
 
-def train(variant: str, seed: int, data: Path, output: Path, finetune_args: list[str]) -> Path:
-    run_folder = output / f"{variant}-seed{seed}"
+def starting_point(base: Path, variant: str, seed: int, folder: Path) -> Path:
+    """The base model with a fresh connector and projector of `variant` (initialised from `seed`), saved."""
+    base_model = MLMambaForConditionalGeneration.from_pretrained(base)
+    config = MLMambaConfig.from_dict({**base_model.config.to_dict(), **VARIANTS[variant]})
+    torch.manual_seed(seed)
+    model = MLMambaForConditionalGeneration(config)
+    kept = {key: value for key, value in base_model.state_dict().items() if not key.startswith(TRAINED_PREFIXES)}
+    missing, unexpected = model.load_state_dict(kept, strict=False)
+    if unexpected or any(not key.startswith(TRAINED_PREFIXES) for key in missing):
+        raise ValueError(f"{base} does not fit the {variant} model: unexpected {unexpected}, missing {missing}")
+    model.save_pretrained(folder)
+    MLMambaProcessor.from_pretrained(base).save_pretrained(folder)
+    return folder
+
+
+def train(variant: str, seed: int, args: argparse.Namespace, finetune_args: list[str]) -> Path:
+    run_folder = args.output / f"{variant}-seed{seed}"
+    start = starting_point(args.base, variant, seed, args.output / f"{variant}-seed{seed}-start")
     command = [
-        sys.executable, str(FINETUNE), "--config_file", str(CONFIG_FILE),
-        "--config_overrides", json.dumps(VARIANTS[variant]), "--tokenizer", str(data / "tokenizer"),
-        "--data_file", str(data / "train.json"), "--stage", "full", "--output_dir", str(run_folder),
-        "--seed", str(seed), "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true",
-        *finetune_args,
+        sys.executable, str(FINETUNE), "--model_name_or_path", str(start), "--stage", "align",
+        "--data_file", str(args.data / "train.json"), "--output_dir", str(run_folder), "--seed", str(seed),
+        "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true", *finetune_args,
     ]
-    with open(output / f"{variant}-seed{seed}.log", "w") as log:
+    with open(args.output / f"{variant}-seed{seed}.log", "w") as log:
         subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
     return run_folder
 
@@ -70,21 +90,23 @@ def main(argv=None) -> None:
     own, finetune_args = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="folder written by modeling_mlmamba.shapes_vqa")
+    parser.add_argument("--base", type=Path, required=True, help="trained shapes-vqa model: towers and LM to keep")
     parser.add_argument("--output", type=Path, required=True, help="folder for the runs, logs and results.json")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--eval-images", type=int, default=EVAL_IMAGES, help="held-out scenes to score each run on")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(own)
-    for required in ("train.json", "tokenizer"):
-        if not (args.data / required).exists():
-            parser.error(f"{args.data} has no {required}; write it with `python -m modeling_mlmamba.shapes_vqa`")
+    if not (args.data / "train.json").is_file():
+        parser.error(f"{args.data} has no train.json; write it with `python -m modeling_mlmamba.shapes_vqa`")
+    if not (args.base / "config.json").is_file():
+        parser.error(f"--base {args.base} is not a saved model folder (no config.json)")
     args.output.mkdir(parents=True, exist_ok=True)
 
     results = {}
     for variant in args.variants:
         for seed in args.seeds:
-            run_folder = train(variant, seed, args.data, args.output, finetune_args)
+            run_folder = train(variant, seed, args, finetune_args)
             results.setdefault(variant, {})[seed] = score(run_folder, args.eval_images, args.device)
             (args.output / "results.json").write_text(json.dumps(
                 {"finetune_args": finetune_args, "eval_images": args.eval_images, "results": results}, indent=1
