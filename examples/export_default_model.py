@@ -30,10 +30,8 @@ def strip_model_code(folder: Path) -> None:
     (its Auto registration resolves `model_type: mlmamba`), so the embedded folder holds no second copy."""
     for code_file in folder.glob("*.py"):
         code_file.unlink()
-    for json_file in folder.glob("*_config.json"):
+    for json_file in [folder / "config.json", *folder.glob("*_config.json")]:
         json_file.write_text(json.dumps(without_auto_map(json.loads(json_file.read_text())), indent=2) + "\n")
-    config_file = folder / "config.json"
-    config_file.write_text(json.dumps(without_auto_map(json.loads(config_file.read_text())), indent=2) + "\n")
 
 
 def export(run_folder: str, output: str, num_images: int, seed: int, device: str) -> dict[str, float]:
@@ -47,7 +45,8 @@ def export(run_folder: str, output: str, num_images: int, seed: int, device: str
         processor.save_pretrained(staging)
         strip_model_code(staging)
         write_model_card(
-            staging, model.config, model_name="mlmamba-shapes-vqa-tiny", datasets=["shapes-vqa"],
+            staging, model.config, model_name="mlmamba-shapes-vqa-tiny", repo_id=Path(output).as_posix(),
+            datasets=["shapes-vqa"],
             eval_results={f"shapes-vqa {kind}": round(100 * score, 2) for kind, score in scores.items()},
             eval_metric="exact match (%)",
             eval_source=f"greedy answers to every question of {num_images} held-out scenes (seed {seed})",

@@ -30,6 +30,6 @@ MLMambaForConditionalGeneration.register_for_auto_class("AutoModelForImageTextTo
 MLMambaProcessor.register_for_auto_class()
 
 __all__ = [
-    "DEFAULT_MODEL", "MLMambaConfig", "MLMambaForConditionalGeneration", "MLMambaModel", "MLMambaPreTrainedModel", "MLMambaProcessor",
-    "write_model_card",
+    "DEFAULT_MODEL", "MLMambaConfig", "MLMambaForConditionalGeneration", "MLMambaModel", "MLMambaPreTrainedModel",
+    "MLMambaProcessor", "write_model_card",
 ]

@@ -3,8 +3,6 @@ shapes-vqa evaluation run."""
 
 import torch
 
-from .processing_mlmamba import to_rgb_image
-
 
 def chat_prompt(processor, question: str, with_image: bool) -> str:
     """The model's chat template for one user turn, ready for the answer (image first, as released)."""
@@ -28,7 +26,7 @@ def answer_questions(model, processor, images, questions, max_new_tokens: int = 
             chat_prompt(processor, question, image is not None)
             for image, question in zip(batch_images, questions[start : start + batch_size])
         ]
-        per_prompt = [[to_rgb_image(image)] if image is not None else [] for image in batch_images]
+        per_prompt = [[image] if image is not None else [] for image in batch_images]
         inputs = processor(
             images=per_prompt if any(per_prompt) else None, text=prompts, padding=True, return_tensors="pt"
         ).to(model.device)

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
 
 from .answering import answer_questions
 
@@ -37,6 +39,9 @@ TEST_FRACTION = 10  # one scene in ten is a test scene
 SPECIAL_TOKENS = ("<|endoftext|>", "<|user|>", "<|assistant|>", "<image>")
 IMAGE_TOKEN_ID = SPECIAL_TOKENS.index("<image>")
 TOKENIZER_VOCAB_SIZE = 384
+# The held-out set every shapes-vqa model is scored on: all questions of these test-split scenes.
+EVAL_SEED = 1234
+EVAL_IMAGES = 100
 
 
 @dataclass(frozen=True)
@@ -207,10 +212,6 @@ def accuracy_by_type(questions: list[Question], predictions: list[str]) -> dict[
     return scores
 
 
-EVAL_SEED = 1234
-EVAL_IMAGES = 100
-
-
 def evaluate(model, processor, num_images: int = EVAL_IMAGES, seed: int = EVAL_SEED, batch_size: int = 64):
     """Per-type exact-match accuracy of greedy answers on every question of `num_images` held-out scenes."""
     pairs = evaluation_set(num_images, seed)
@@ -241,9 +242,6 @@ def build_tokenizer(vocab_size: int = TOKENIZER_VOCAB_SIZE, model_max_length: in
     """A byte-level BPE trained on the task's text: any string encodes (unknown words fall back to bytes), the
     task's words become single tokens. Laid out like the released tokenizer: `<|endoftext|>` (id 0) ends a turn
     and pads, no BOS; `<|user|>`, `<|assistant|>` and `<image>` are special tokens at fixed ids."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
