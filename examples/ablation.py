@@ -16,9 +16,11 @@ per-question-type accuracy (mean and spread over seeds) and writes `results.json
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -51,16 +53,17 @@ def starting_point(base: Path, variant: str, seed: int, folder: Path) -> Path:
     return folder
 
 
-def train(variant: str, seed: int, args: argparse.Namespace, finetune_args: list[str]) -> Path:
+def train(variant: str, seed: int, start: Path, gpu: int | None, args: argparse.Namespace, finetune_args: list[str]):
+    """One align-stage run of finetune.py from `start` (on GPU `gpu` when given); returns its output folder."""
     run_folder = args.output / f"{variant}-seed{seed}"
-    start = starting_point(args.base, variant, seed, args.output / f"{variant}-seed{seed}-start")
     command = [
         sys.executable, str(FINETUNE), "--model_name_or_path", str(start), "--stage", "align",
         "--data_file", str(args.data / "train.json"), "--output_dir", str(run_folder), "--seed", str(seed),
         "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true", *finetune_args,
     ]
+    environment = {**os.environ, **({"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu is not None else {})}
     with open(args.output / f"{variant}-seed{seed}.log", "w") as log:
-        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
+        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, env=environment)
     return run_folder
 
 
@@ -96,6 +99,8 @@ def main(argv=None) -> None:
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--eval-images", type=int, default=EVAL_IMAGES, help="held-out scenes to score each run on")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--parallel", type=int, default=1, help="runs trained at once (a tiny model leaves a GPU "
+                        "mostly idle); with several GPUs visible, runs go to them in turn")
     args = parser.parse_args(own)
     if not (args.data / "train.json").is_file():
         parser.error(f"{args.data} has no train.json; write it with `python -m modeling_mlmamba.shapes_vqa`")
@@ -103,14 +108,22 @@ def main(argv=None) -> None:
         parser.error(f"--base {args.base} is not a saved model folder (no config.json)")
     args.output.mkdir(parents=True, exist_ok=True)
 
+    runs = [(variant, seed) for variant in args.variants for seed in args.seeds]
+    # Starting points first, one after the other: each seeds the global RNG for its fresh connector.
+    starts = [starting_point(args.base, variant, seed, args.output / f"{variant}-seed{seed}-start")
+              for variant, seed in runs]
+    gpus = torch.cuda.device_count()
+    with ThreadPoolExecutor(args.parallel) as pool:
+        folders = list(pool.map(
+            lambda index: train(*runs[index], starts[index], index % gpus if gpus > 1 else None, args, finetune_args),
+            range(len(runs)),
+        ))
     results = {}
-    for variant in args.variants:
-        for seed in args.seeds:
-            run_folder = train(variant, seed, args, finetune_args)
-            results.setdefault(variant, {})[seed] = score(run_folder, args.eval_images, args.device)
-            (args.output / "results.json").write_text(json.dumps(
-                {"finetune_args": finetune_args, "eval_images": args.eval_images, "results": results}, indent=1
-            ))
+    for (variant, seed), run_folder in zip(runs, folders):
+        results.setdefault(variant, {})[seed] = score(run_folder, args.eval_images, args.device)
+    (args.output / "results.json").write_text(json.dumps(
+        {"finetune_args": finetune_args, "eval_images": args.eval_images, "results": results}, indent=1
+    ))
     print(markdown_table(results))
 
 

@@ -40,6 +40,7 @@ def export(run_folder: str, output: str, num_images: int, seed: int, device: str
     scores = evaluate(model, processor, num_images=num_images, seed=seed)
     model.to("cpu")
     staging = Path(tempfile.mkdtemp(dir=Path(output).resolve().parent, prefix=".export-"))
+    staging.chmod(0o755)  # mkdtemp makes it private; the result is a package folder everyone reads
     try:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)

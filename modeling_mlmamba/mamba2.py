@@ -80,11 +80,21 @@ class GatedRMSNorm(nn.Module):
         return (self.weight * normed.flatten(-2)).to(dtype)
 
 
+def kernel_aligned(xbc: torch.Tensor) -> torch.Tensor | None:
+    """`xbc` (batch, length, channels) laid out as causal-conv1d's channel-last kernel needs it (batch and position
+    strides multiples of 8), copied if that fixes it; None if the channel count itself is not a multiple of 8.
+    The LM's `xbc` is a slice of the in_proj output, whose width is 8-aligned at released sizes but not at all."""
+    if xbc.stride(0) % 8 or xbc.stride(1) % 8:
+        xbc = xbc.contiguous()
+    return xbc if xbc.stride(0) % 8 == 0 and xbc.stride(1) % 8 == 0 else None
+
+
 def causal_conv(xbc: torch.Tensor, conv1d: nn.Conv1d) -> torch.Tensor:
     """Depthwise causal conv + SiLU over (batch, length, channels); causal-conv1d's kernel on CUDA when installed."""
-    if causal_conv1d_fn is not None and xbc.is_cuda:
+    aligned = kernel_aligned(xbc) if causal_conv1d_fn is not None and xbc.is_cuda else None
+    if aligned is not None:
         weight = conv1d.weight.squeeze(1)
-        return causal_conv1d_fn(xbc.transpose(1, 2), weight, conv1d.bias, activation="silu").transpose(1, 2)
+        return causal_conv1d_fn(aligned.transpose(1, 2), weight, conv1d.bias, activation="silu").transpose(1, 2)
     length = xbc.shape[1]
     return F.silu(conv1d(xbc.transpose(1, 2).to(conv1d.weight.dtype))[..., :length].transpose(1, 2)).to(xbc.dtype)
 

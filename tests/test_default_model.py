@@ -34,25 +34,27 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_default_model_reproduces_the_held_out_scores_of_its_model_card(default_model):
-    """The card's per-type exact match (written at export) is what real greedy generation gives here, on CPU, up to
-    a question or two per type whose greedy argmax may tip the other way on another CPU's float rounding."""
+def test_default_model_answers_at_least_90_percent_of_every_held_out_question_type(default_model):
+    """Real greedy generation on every question of the held-out scenes, scored per type, reaches the bar of the
+    training issue and matches the scores its model card reports (written at export, on another machine: a
+    question or two per type may tip the other way in float rounding)."""
     model, processor = default_model
-    card = ModelCard.load(Path(DEFAULT_MODEL) / "README.md")
-    recorded = {result.dataset_name.removeprefix("shapes-vqa "): result.metric_value for result in card.data.eval_results}
     scores = evaluate(model, processor, num_images=EVAL_IMAGES, seed=EVAL_SEED)
     assert set(scores) == set(QUESTION_TYPES)
+    assert all(score >= 0.90 for score in scores.values()), scores
+    card = ModelCard.load(Path(DEFAULT_MODEL) / "README.md")
+    recorded = {result.dataset_name.removeprefix("shapes-vqa "): result.metric_value for result in card.data.eval_results}
     assert recorded.keys() == scores.keys()
     assert all(abs(100 * scores[kind] - recorded[kind]) <= 2.0 for kind in scores), (scores, recorded)
 
 
 def test_held_out_scenes_are_not_among_the_training_scenes():
-    """The evaluation scenes are disjoint from the data the default model was trained on (README: 30000 scenes,
+    """The evaluation scenes are disjoint from the data the default model was trained on (README: 200000 scenes,
     seed 0), compared as sets of objects so that a reordering of the same picture also counts as shared."""
     def canonical(scene):
         return tuple(sorted(scene, key=repr))
 
-    training = {canonical(scene) for scene in sample_scenes(30000, seed=0, split="train")}
+    training = {canonical(scene) for scene in sample_scenes(200000, seed=0, split="train")}
     assert not training & {canonical(scene) for scene in sample_scenes(EVAL_IMAGES, seed=EVAL_SEED, split="test")}
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import DynamicCache, Mamba2Config, Mamba2Model
 
-from modeling_mlmamba.mamba2 import Mamba2LanguageModel
+from modeling_mlmamba.mamba2 import Mamba2LanguageModel, kernel_aligned
 
 CONFIG = dict(
     hidden_size=32, num_hidden_layers=2, state_size=8, head_dim=8, num_heads=8, chunk_size=4, vocab_size=50,
@@ -85,3 +85,15 @@ def test_step_function_matches_cached_forward():
     for (conv, ssm), layer in zip(states, cache.layers):
         torch.testing.assert_close(conv, layer.conv_states[0])
         torch.testing.assert_close(ssm, layer.recurrent_states[0])
+
+
+def test_conv_kernel_input_is_realigned_when_in_proj_width_is_not_a_multiple_of_8():
+    """causal-conv1d's channel-last kernel rejects strides that are not multiples of 8 (seen on a GPU with a 192-wide
+    LM: in_proj width 844); the slice is copied when that aligns it, and left to the torch conv when nothing can."""
+    projected = torch.randn(2, 5, 844)
+    xbc = projected[..., 384:832]  # 448 channels with the projection's stride of 844
+    aligned = kernel_aligned(xbc)
+    assert (aligned.stride(0), aligned.stride(1)) == (5 * 448, 448) and torch.equal(aligned, xbc)
+    ready = torch.randn(2, 5, 448)
+    assert kernel_aligned(ready) is ready  # no copy when the layout already fits
+    assert kernel_aligned(torch.randn(2, 5, 844)[..., :450]) is None  # 450 channels: no layout fits the kernel

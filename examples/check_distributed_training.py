@@ -1,0 +1,172 @@
+"""Check the accelerate configs of `examples/accelerate/` end to end: DDP and FSDP training of a small model follow
+the one-GPU run step by step, FSDP checkpoints resume onto the same loss curve, the final folders load on one device
+with the trained model's logits, and LoRA trains under both configs.
+
+Every run is `examples/finetune.py` or `examples/lora.py`, launched as a user would (`python` or
+`accelerate launch --config_file examples/accelerate/{ddp,fsdp}.yaml`), on shapes-vqa data with the
+`examples/configs/shapes-vqa.json` model (randomly initialised), the same global batch everywhere. Prints a table
+last and writes the numbers to --json.
+
+    python examples/check_distributed_training.py --json distributed.json          # needs 2 GPUs
+    python examples/check_distributed_training.py --cpu --steps 4 --json cpu.json  # same runs on CPU processes
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from modeling_mlmamba import MLMambaConfig, MLMambaForConditionalGeneration, MLMambaProcessor
+from modeling_mlmamba.shapes_vqa import build_tokenizer, render, sample_scenes, write_dataset
+
+EXAMPLES = Path(__file__).resolve().parent
+GLOBAL_BATCH = 16
+# bf16 autocast rounds each matmul input to 8 significant bits; runs that split the batch differently reduce in
+# another order, so their losses agree to about this much, not bit for bit.
+BF16_TOLERANCE = 1e-2
+
+
+def launcher(config: str | None, workdir: Path, cpu: bool) -> list[str]:
+    """`python` for one process, else `accelerate launch` with one of the shipped configs (on CPU: the same config
+    with CPU processes and no mixed precision)."""
+    if config is None:
+        return [sys.executable]
+    path = EXAMPLES / "accelerate" / config
+    if cpu:
+        text = path.read_text().replace("use_cpu: false", "use_cpu: true").replace("mixed_precision: bf16",
+                                                                                   'mixed_precision: "no"')
+        path = workdir / f"cpu-{config}"
+        path.write_text(text)
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path)]
+
+
+def run(script: str, launch: list[str], output_dir: Path, inputs: Path, steps: int, cpu: bool, *extra: str) -> list:
+    processes = 1 if len(launch) == 1 else 2
+    command = [
+        *launch, str(EXAMPLES / script), "--model_name_or_path", str(inputs / "model"),
+        "--data_file", str(inputs / "data" / "train.json"), "--output_dir", str(output_dir),
+        "--per_device_train_batch_size", str(GLOBAL_BATCH // processes), "--max_steps", str(steps),
+        "--learning_rate", "1e-3", "--lr_scheduler_type", "constant", "--logging_steps", "1", "--seed", "0",
+        "--report_to", "none", "--disable_tqdm", "true", "--dataloader_num_workers", "2",
+        *(["--use_cpu"] if cpu else ["--bf16"]), *extra,
+    ]
+    environment = {"OMP_NUM_THREADS": "2", **os.environ}
+    if processes == 1 and not cpu:  # one process seeing two GPUs would make Trainer use DataParallel
+        environment["CUDA_VISIBLE_DEVICES"] = "0"
+    result = subprocess.run(command, capture_output=True, text=True, env=environment)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-6000:]}")
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    return [entry["loss"] for entry in history if "loss" in entry]
+
+
+def max_relative_difference(losses: list[float], reference: list[float]) -> float:
+    assert len(losses) == len(reference), (losses, reference)
+    return max(abs(a - b) / abs(b) for a, b in zip(losses, reference))
+
+
+def logits_of(folder: Path, batch: dict) -> torch.Tensor:
+    model, loading = MLMambaForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
+    if loading["missing_keys"] or loading["unexpected_keys"]:
+        raise RuntimeError(f"{folder}: {loading}")
+    with torch.no_grad():
+        return model.eval()(**batch).logits.float()
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--cpu", action="store_true", help="run the same launches as CPU processes (gloo)")
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    assert args.steps % 2 == 0, "--steps must be even: FSDP checkpoints at half-way and resumes from there"
+
+    workdir = Path(tempfile.mkdtemp(prefix="distributed-check-"))
+    inputs = workdir / "inputs"
+    write_dataset(inputs / "data", num_images=GLOBAL_BATCH * args.steps, seed=0, workers=4)
+    tokenizer_folder = inputs / "tokenizer"
+    build_tokenizer().save_pretrained(tokenizer_folder)
+    config = MLMambaConfig.from_json_file(EXAMPLES / "configs" / "shapes-vqa.json")
+    torch.manual_seed(0)
+    MLMambaForConditionalGeneration(config).save_pretrained(inputs / "model")
+    MLMambaProcessor.from_model_config(config, AutoTokenizer.from_pretrained(tokenizer_folder)).save_pretrained(
+        inputs / "model"
+    )
+
+    half = str(args.steps // 2)
+    full = ["--stage", "finetune", "--save_strategy", "no"]
+    losses = {
+        "1 GPU": run("finetune.py", launcher(None, workdir, args.cpu), workdir / "one", inputs, args.steps, args.cpu,
+                     *full),
+        "DDP": run("finetune.py", launcher("ddp.yaml", workdir, args.cpu), workdir / "ddp", inputs, args.steps,
+                   args.cpu, *full),
+        "FSDP": run("finetune.py", launcher("fsdp.yaml", workdir, args.cpu), workdir / "fsdp", inputs, args.steps,
+                    args.cpu, "--stage", "finetune", "--save_strategy", "steps", "--save_steps", half),
+    }
+    resumed = run("finetune.py", launcher("fsdp.yaml", workdir, args.cpu), workdir / "fsdp-resumed", inputs, args.steps,
+                  args.cpu, "--stage", "finetune", "--save_strategy", "no",
+                  "--resume_from_checkpoint", str(workdir / "fsdp" / f"checkpoint-{half}"))
+    lora = ["--lora_rank", "8", "--lora_dropout", "0", "--save_strategy", "no"]
+    lora_losses = {
+        name: run("lora.py", launcher(config_name, workdir, args.cpu), workdir / f"lora-{name}", inputs, args.steps,
+                  args.cpu, *lora)
+        for name, config_name in (("1 GPU", None), ("DDP", "ddp.yaml"), ("FSDP", "fsdp.yaml"))
+    }
+
+    scene = sample_scenes(1, seed=7, split="test")[0]
+    processor = MLMambaProcessor.from_pretrained(inputs / "model")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many objects?"}]}]
+    batch = dict(processor(images=[render(scene)], text=processor.apply_chat_template(messages,
+                                                                                      add_generation_prompt=True),
+                           return_tensors="pt"))
+    reference = logits_of(workdir / "one", batch)
+    logits_difference = {
+        name: ((logits_of(workdir / folder, batch) - reference).norm() / reference.norm()).item()
+        for name, folder in (("DDP", "ddp"), ("FSDP", "fsdp"))
+    }
+    start = logits_of(inputs / "model", batch)
+    trained_change = ((reference - start).norm() / start.norm()).item()
+
+    results = {
+        "steps": args.steps, "global_batch": GLOBAL_BATCH, "cpu": args.cpu, "losses": losses,
+        "fsdp_resumed_losses": resumed, "lora_losses": lora_losses,
+        "max_relative_loss_difference_vs_1_gpu": {
+            name: max_relative_difference(losses[name], losses["1 GPU"]) for name in ("DDP", "FSDP")
+        },
+        "fsdp_resume_max_relative_loss_difference": max_relative_difference(
+            resumed[int(half):], losses["FSDP"][int(half):]
+        ),
+        "lora_max_relative_loss_difference_vs_1_gpu": {
+            name: max_relative_difference(lora_losses[name], lora_losses["1 GPU"]) for name in ("DDP", "FSDP")
+        },
+        "final_logits_relative_difference_vs_1_gpu": logits_difference,
+        "final_logits_change_from_start": trained_change,
+        "tolerance": BF16_TOLERANCE,
+    }
+    differences = [
+        *results["max_relative_loss_difference_vs_1_gpu"].values(), results["fsdp_resume_max_relative_loss_difference"],
+        *results["lora_max_relative_loss_difference_vs_1_gpu"].values(), *logits_difference.values(),
+    ]
+    results["passed"] = all(difference <= BF16_TOLERANCE for difference in differences) and trained_change > 0.01
+    print(json.dumps(results, indent=1))
+    print("\n| check | max relative difference |\n|---|---|")
+    for name in ("DDP", "FSDP"):
+        print(f"| {name} losses vs 1 GPU, {args.steps} steps | {results['max_relative_loss_difference_vs_1_gpu'][name]:.2e} |")
+    print(f"| FSDP resumed at step {half} vs uninterrupted | {results['fsdp_resume_max_relative_loss_difference']:.2e} |")
+    for name in ("DDP", "FSDP"):
+        print(f"| LoRA {name} losses vs 1 GPU | {results['lora_max_relative_loss_difference_vs_1_gpu'][name]:.2e} |")
+        print(f"| {name} final folder logits vs 1 GPU | {logits_difference[name]:.2e} |")
+    print(f"passed: {results['passed']} (tolerance {BF16_TOLERANCE}; training moved the logits by {trained_change:.2f})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()
