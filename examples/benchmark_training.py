@@ -67,10 +67,19 @@ def vit_forward_flops(vision_config, parameters: int) -> float:
     return 2 * parameters * tokens + 4 * vision_config.num_hidden_layers * tokens**2 * vision_config.hidden_size
 
 
+def scan_flops(mixer, length: int) -> float:
+    """Matmul FLOPs of the chunked SSD scans of one Mamba-2 mixer over `length` positions, per direction counted:
+    per head and position 2 Q (N + P) inside its chunk (C B^T and its product with x, full Q x Q blocks, as the
+    kernels compute them) and 4 N P for the chunk states in and out, Q the chunk, N the state and P the head size."""
+    dims, chunk = mixer.dims, min(mixer.chunk_size, length)
+    per_position = 2 * chunk * (dims.state_size + dims.head_dim) + 4 * dims.state_size * dims.head_dim
+    return per_position * dims.num_heads * length * len(getattr(mixer, "directions", [mixer]))
+
+
 def model_flops_per_sample(model, sequence_length: int) -> float:
     """Model FLOPs of one training sample (recomputation by checkpointing not counted, as MFU is defined): frozen
-    towers run forward only, the trainable connector, projector and LM forward and backward (3x forward). The LM's
-    dense matmuls are counted, its selective scans (a few % at this width) are not, so the MFU is a lower bound."""
+    towers run forward only, the trainable connector, projector and LM forward and backward (3x forward). Dense
+    matmuls count 2 per weight per position (the tied head is the embedding matrix), plus the SSD scans."""
     inner = model.model
     config = model.config
     towers = inner.vision_tower
@@ -78,7 +87,11 @@ def model_flops_per_sample(model, sequence_length: int) -> float:
         config.siglip_config, parameter_count(towers.siglip)
     )
     connector = 2 * (parameter_count(inner.connector) + parameter_count(inner.projector)) * config.image_seq_length
-    language_model = 2 * parameter_count(inner.language_model) * sequence_length  # tied head = embedding matrix
+    connector += sum(scan_flops(module, config.image_seq_length) for module in inner.connector.modules()
+                     if hasattr(module, "dims"))
+    language_model = 2 * parameter_count(inner.language_model) * sequence_length
+    language_model += sum(scan_flops(module, sequence_length) for module in inner.language_model.modules()
+                          if hasattr(module, "dims"))
     return vision + 3 * (connector + language_model)
 
 
@@ -87,11 +100,33 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
+class KernelProfile(TrainerCallback):
+    """Profiles optimizer steps `first_step + 1 ... last_step` (run after the timed ones) and keeps the table of
+    the GPU kernels that took the most time: what stands between the measured MFU and the peak."""
+
+    def __init__(self, first_step: int, last_step: int):
+        self.first_step, self.last_step, self.profiler, self.table = first_step, last_step, None, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.first_step and self.profiler is None:
+            self.profiler = torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            )
+            self.profiler.__enter__()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.last_step and self.profiler is not None:
+            synchronize()
+            self.profiler.__exit__(None, None, None)
+            self.table = self.profiler.key_averages().table(sort_by="self_device_time_total", row_limit=25)
+
+
 class StepTimer(TrainerCallback):
     """Times the optimizer steps after the warm-up ones (GPU synchronised) and records peak memory and the checks."""
 
-    def __init__(self, warmup: int, model):
-        self.warmup, self.model, self.start, self.elapsed, self.checks = warmup, model, None, None, {}
+    def __init__(self, warmup: int, steps: int, model):
+        self.warmup, self.last_step, self.model = warmup, warmup + steps, model
+        self.start, self.elapsed, self.checks = None, None, {}
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step == self.warmup and self.start is None:
@@ -114,7 +149,7 @@ class StepTimer(TrainerCallback):
             self.checks["lm_head_tied_to_embeddings"] = (
                 self.model.lm_head.weight is self.model.get_input_embeddings().weight
             )
-        if state.global_step == args.max_steps:
+        if state.global_step == self.last_step:
             synchronize()
             self.elapsed = time.perf_counter() - self.start
 
@@ -129,6 +164,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--stage", default="finetune")
     parser.add_argument("--no_gradient_checkpointing", action="store_true")
     parser.add_argument("--peak_tflops", type=float, default=H200_BF16_DENSE_TFLOPS, help="bf16 dense, per GPU")
+    parser.add_argument("--profile_steps", type=int, default=0, help="profile this many steps after the timed ones")
     parser.add_argument("--json", help="write the results here (rank 0)")
     args = parser.parse_args(argv)
 
@@ -147,16 +183,18 @@ def main(argv=None) -> dict:
     sequence_length = config.image_seq_length + args.text_tokens
     training_args = TrainingArguments(
         output_dir="/tmp/benchmark-training", per_device_train_batch_size=args.per_device_batch_size,
-        max_steps=args.warmup + args.steps, learning_rate=1e-5, bf16=cuda, use_cpu=not cuda, save_strategy="no", report_to="none",
+        max_steps=args.warmup + args.steps + args.profile_steps, learning_rate=1e-5, bf16=cuda, use_cpu=not cuda, save_strategy="no", report_to="none",
         logging_steps=1, disable_tqdm=True, dataloader_num_workers=4, remove_unused_columns=False,
         gradient_checkpointing=not (args.no_gradient_checkpointing or fsdp),
         gradient_checkpointing_kwargs={"use_reentrant": False}, ddp_backend="gloo" if not cuda and "WORLD_SIZE" in os.environ else None,
     )
     world_size = training_args.world_size
-    dataset = SyntheticSamples(config, args.text_tokens, size=(args.warmup + args.steps) * args.per_device_batch_size
-                               * world_size)
-    timer = StepTimer(args.warmup, model)
-    trainer = Trainer(model=model, args=training_args, train_dataset=dataset, callbacks=[timer])
+    dataset = SyntheticSamples(config, args.text_tokens,
+                               size=training_args.max_steps * args.per_device_batch_size * world_size)
+    timer = StepTimer(args.warmup, args.steps, model)
+    profile = KernelProfile(timer.last_step, training_args.max_steps)
+    callbacks = [timer, profile] if args.profile_steps else [timer]
+    trainer = Trainer(model=model, args=training_args, train_dataset=dataset, callbacks=callbacks)
     trainer.train()
 
     peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0], device=device)
@@ -182,6 +220,7 @@ def main(argv=None) -> dict:
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "checks": {**timer.checks, "all_ranks_passed": bool(checks.item())},
         "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+        "profile": profile.table,
         "device": torch.cuda.get_device_name() if cuda else platform.processor(), "torch": torch.__version__,
         "transformers": transformers.__version__, "python": platform.python_version(),
     }
