@@ -1,3 +1,7 @@
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -60,3 +64,17 @@ def tiny_processor(config: MLMambaConfig | None = None, **tokenizer_kwargs):
     config = config or MLMambaConfig.tiny()
     tokenizer = tiny_tokenizer(config.text_config.vocab_size, config.image_token_id, **tokenizer_kwargs)
     return MLMambaProcessor.from_model_config(config, tokenizer)
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def load_example(name: str):
+    """examples/NAME.py as a module, with examples/ importable the way running the script makes it (lora.py
+    imports finetune.py)."""
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
+    spec = importlib.util.spec_from_file_location(f"{name}_example", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

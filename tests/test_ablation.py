@@ -1,23 +1,17 @@
 """The connector ablation's starting points: the base model's towers and LM, a fresh connector of the variant."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import tiny_model, tiny_processor
+from conftest import load_example, tiny_model, tiny_processor
 from modeling_mlmamba import MLMambaForConditionalGeneration
 
-ABLATION = Path(__file__).resolve().parent.parent / "examples" / "ablation.py"
 
 
 @pytest.fixture(scope="module")
 def ablation():
-    spec = importlib.util.spec_from_file_location("ablation", ABLATION)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("ablation")
 
 
 @pytest.mark.parametrize("variant", ["mlp", "msc-bidirectional", "msc-cross"])

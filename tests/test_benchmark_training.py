@@ -1,25 +1,20 @@
 """The training benchmark's arithmetic and its run on a CPU: the GPU numbers in docs/benchmarks.md come from it."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from conftest import load_example
 from modeling_mlmamba import MLMambaConfig, MLMambaForConditionalGeneration
 
-SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "benchmark_training.py"
 TEXT_TOKENS = 200
 
 
 @pytest.fixture(scope="module")
 def benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark_training", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("benchmark_training")
 
 
 @pytest.mark.parametrize("lm_width", [64, 256])

@@ -1,14 +1,13 @@
 """LoRA with peft: adapters sit on exactly the language model's Mamba-2 projections, every forward path (training,
 prefill, decode step) goes through them, and a trained adapter saves, reloads and merges into the same model."""
 
-import importlib.util
 import json
 import re
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_processor, tiny_tokenizer
+from conftest import load_example, tiny_model, tiny_processor, tiny_tokenizer
 from peft import PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from PIL import Image
@@ -17,7 +16,6 @@ from modeling_mlmamba import MLMambaConfig, MLMambaForConditionalGeneration, MLM
 from modeling_mlmamba.lora import LANGUAGE_MODEL_PROJECTIONS, lora_config
 from modeling_mlmamba.training import MLMambaDataCollator
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "lora.py"
 COLORS = ("red", "green", "blue", "yellow")
 PEFT_PREFIX = "base_model.model."
 
@@ -175,13 +173,8 @@ def test_lora_model_generates_what_its_merged_model_generates(trained, processor
 
 
 @pytest.fixture
-def lora_example(monkeypatch):
-    """examples/lora.py as a module, with examples/ importable the way running the script makes it."""
-    monkeypatch.syspath_prepend(str(EXAMPLE.parent))
-    spec = importlib.util.spec_from_file_location("lora_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def lora_example():
+    return load_example("lora")
 
 
 def write_training_folder(folder: Path) -> list[str]:

@@ -5,7 +5,6 @@ Expected token ids and labels are computed here from the SPEC's text layout, tok
 offsets, not turn by turn as the collator does.
 """
 
-import importlib.util
 import json
 import logging
 import math
@@ -14,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_processor, tiny_tokenizer
-from PIL import Image
+from conftest import load_example, tiny_model, tiny_processor, tiny_tokenizer
 from transformers import Trainer, TrainingArguments
 
 from modeling_mlmamba import MLMambaConfig, MLMambaForConditionalGeneration, MLMambaModel, MLMambaProcessor
@@ -32,7 +30,6 @@ from modeling_mlmamba.training import LlavaConversationDataset, MLMambaDataColla
 
 IGNORE = -100
 END = "<|endoftext|>"
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 # `MLMambaConfig.tiny()` as a plain JSON config file, the kind examples/configs/ holds.
 TINY_CONFIG_FILE = dict(
@@ -426,10 +423,7 @@ def test_trainer_steps_lower_the_loss_of_a_fixed_batch(tmp_path):
 
 @pytest.fixture(scope="module")
 def finetune():
-    spec = importlib.util.spec_from_file_location("finetune_example", EXAMPLES / "finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("finetune")
 
 
 @pytest.fixture
