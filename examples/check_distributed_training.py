@@ -4,8 +4,8 @@ with the trained model's logits, and LoRA trains under both configs.
 
 Every run is `examples/finetune.py` or `examples/lora.py`, launched as a user would (`python` or
 `accelerate launch --config_file examples/accelerate/{ddp,fsdp}.yaml`), on shapes-vqa data with the
-`examples/configs/shapes-vqa.json` model (randomly initialised), the same global batch everywhere. Prints a table
-last and writes the numbers to --json.
+`examples/configs/shapes-vqa.json` model (randomly initialised), the same global batch everywhere. Prints each
+comparison as a table row when it is made and rewrites --json after each, so a run cut short keeps what it did.
 
     python examples/check_distributed_training.py --json distributed.json          # needs 2 GPUs
     python examples/check_distributed_training.py --cpu --steps 4 --json cpu.json  # same runs on CPU processes
