@@ -8,7 +8,7 @@ stage) with `examples/finetune.py`.
 
     python -m modeling_mlmamba.shapes_vqa --output data/shapes --num-images 30000 --seed 0
     python examples/ablation.py --data data/shapes --base modeling_mlmamba/default_model --output runs/ablation \\
-        --seeds 0 1 2 -- --max_steps 300 --per_device_train_batch_size 32 --learning_rate 1e-3
+        --seeds 0 1 2 -- --max_steps 1200 --per_device_train_batch_size 32 --learning_rate 1e-3
 
 Everything after `--` goes to `examples/finetune.py` unchanged, for every run. Prints a Markdown table of
 per-question-type accuracy (mean and spread over seeds) and writes `results.json` in the output folder.
