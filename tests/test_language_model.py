@@ -49,6 +49,21 @@ def test_left_padding_leaves_real_positions_unchanged():
     assert relative_error(padded[:, 3:], alone) <= 1e-5
 
 
+def test_mixers_get_the_mask_only_when_something_is_padded():
+    ours, _ = twin_models()
+    seen = []
+    ours.layers[0].mixer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["attention_mask"]), with_kwargs=True
+    )
+    embeds = ours.embeddings(torch.randint(1, 50, (2, 6)))
+    unmasked, _ = ours(embeds)
+    all_ones, _ = ours(embeds, attention_mask=torch.ones(2, 6, dtype=torch.long))
+    left_padded = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    ours(embeds, attention_mask=left_padded)
+    assert seen[0] is None and seen[1] is None and torch.equal(seen[2], left_padded)
+    assert torch.equal(all_ones, unmasked)
+
+
 @pytest.mark.parametrize("prompt_length", [1, 3, 9])
 def test_prefill_then_steps_match_full_sequence(prompt_length):
     ours, _ = twin_models()
