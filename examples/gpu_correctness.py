@@ -4,8 +4,11 @@ Checks, for a mid-size ML-Mamba (real 27x27 patch grid, chunk 256, state 128, sm
   * connector output and LM logits of a 760-token prompt against the CPU reference path on the same weights
     in the same dtype: fp32 (rel. err <= 1e-3) and bf16 (<= 1e-2), with and without causal-conv1d; plus, for
     information, how far the CPU path in bf16 is from float32;
+  * training gradients of the LM: the one-call conv + scan + norm kernel path (mamba_ssm's
+    `mamba_split_conv1d_scan_combined`) against the CPU reference in fp32 (<= 1e-3), and against the unfused
+    kernel path under bf16 autocast, as Trainer runs it (<= 1e-2);
   * greedy tokens identical with and without CUDA graphs (batch 1 and a padded batch of 4).
-Prints a table and exits non-zero if any check fails.
+Prints each check as it completes and exits non-zero if any fails.
 
     python examples/gpu_correctness.py --json correctness.json
 """
@@ -43,6 +46,24 @@ def outputs(model, ids, pixels):
     return connector, logits
 
 
+def language_model_gradients(model, ids, pixels, autocast_dtype=None):
+    """All LM parameter gradients of the next-token loss, flattened, in training mode as Trainer runs it."""
+    model.train()
+    model.zero_grad()
+    with torch.autocast(ids.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        loss = model(input_ids=ids, pixel_values=pixels, labels=ids).loss
+    loss.backward()
+    model.eval()
+    return torch.cat([param.grad.flatten() for param in model.model.language_model.parameters()])
+
+
+def record(checks, check):
+    """Keep a check and print its line at once, so a run cut short still shows what it got through."""
+    checks.append(check)
+    detail = f"rel err {check['rel_err']:.2e} (<= {check['bound']:.0e})" if "rel_err" in check else ""
+    print(f"{'PASS' if check['ok'] else 'FAIL'}  {check['check']:<55} {detail.replace(' (<= inf)', '')}", flush=True)
+
+
 def greedy(model, ids, mask, pixels, use_graphs):
     model.config.use_cuda_graphs = use_graphs
     with torch.no_grad():
@@ -77,22 +98,37 @@ def main():
             connector, logits = outputs(gpu, ids.cuda(), pixels.cuda().to(dtype))
             for name, actual, expected in (("connector", connector, ref_connector), ("logits", logits, ref_logits)):
                 error = relative_error(actual, expected)
-                checks.append({"check": f"{name} {str(dtype)[6:]} {label}", "rel_err": error, "bound": bound,
-                               "ok": error <= bound})
+                record(checks, {"check": f"{name} {str(dtype)[6:]} {label}", "rel_err": error, "bound": bound,
+                                "ok": error <= bound})
         mamba2.causal_conv1d_fn, mamba2.causal_conv1d_update = conv_kernels["with causal-conv1d"]
         if dtype == torch.bfloat16:
             fp32_connector, fp32_logits = outputs(reference, ids, pixels)
             for name, actual, expected in (("connector", ref_connector, fp32_connector),
                                            ("logits", ref_logits, fp32_logits)):
-                checks.append({"check": f"(info) CPU bf16 vs CPU fp32 {name}",
-                               "rel_err": relative_error(actual, expected), "bound": float("inf"), "ok": True})
+                record(checks, {"check": f"(info) CPU bf16 vs CPU fp32 {name}",
+                                "rel_err": relative_error(actual, expected), "bound": float("inf"), "ok": True})
 
     for out_features, in_features in ((10576, 2560), (2560, 5120), (50288, 2560)):
         linear = torch.nn.Linear(in_features, out_features, bias=False, device="cuda", dtype=torch.bfloat16)
         row = torch.randn(1, in_features, device="cuda", dtype=torch.bfloat16)
         error = relative_error(decode_linear(linear, row), row.double() @ linear.weight.double().t())
-        checks.append({"check": f"batch-1 GEMV kernel {in_features}->{out_features} vs float64", "rel_err": error,
-                       "bound": 1e-2, "ok": error <= 1e-2})
+        record(checks, {"check": f"batch-1 GEMV kernel {in_features}->{out_features} vs float64", "rel_err": error,
+                        "bound": 1e-2, "ok": error <= 1e-2})
+
+    gpu = MLMambaForConditionalGeneration(config)
+    gpu.load_state_dict(reference.state_dict())
+    gpu.cuda()
+    fused_kernel = mamba2.mamba_split_conv1d_scan_combined
+    cpu_gradients = language_model_gradients(reference, ids, pixels)
+    for label, expected, autocast_dtype, bound in (("fp32, vs CPU reference", cpu_gradients, None, 1e-3),
+                                                   ("bf16 autocast, vs unfused kernels", None, torch.bfloat16, 1e-2)):
+        if expected is None:
+            mamba2.mamba_split_conv1d_scan_combined = None
+            expected = language_model_gradients(gpu, ids.cuda(), pixels.cuda(), autocast_dtype)
+            mamba2.mamba_split_conv1d_scan_combined = fused_kernel
+        error = relative_error(language_model_gradients(gpu, ids.cuda(), pixels.cuda(), autocast_dtype), expected)
+        record(checks, {"check": f"LM gradients, fused conv+scan+norm, {label}", "rel_err": error, "bound": bound,
+                        "ok": error <= bound and fused_kernel is not None})
 
     gpu = reference.to("cuda", torch.bfloat16)
     batch_ids = torch.cat([ids, ids, ids, ids]).cuda()
@@ -107,14 +143,10 @@ def main():
         eager = greedy(gpu, b_ids, b_mask, b_pixels, False)
         # Twice with graphs: the first call captures the decode graph, the second also the prefill graph.
         same = all(torch.equal(greedy(gpu, b_ids, b_mask, b_pixels, True), eager) for _ in range(2))
-        checks.append({"check": f"greedy tokens with == without CUDA graphs, {name}", "ok": same})
+        record(checks, {"check": f"greedy tokens with == without CUDA graphs, {name}", "ok": same})
 
     with open(args.json, "w") as handle:
         json.dump({"device": torch.cuda.get_device_name(), "checks": checks}, handle, indent=2)
-    for check in checks:
-        detail = f"rel err {check['rel_err']:.2e} (<= {check['bound']:.0e})" if "rel_err" in check else ""
-        detail = detail.replace(" (<= inf)", "")
-        print(f"{'PASS' if check['ok'] else 'FAIL'}  {check['check']:<55} {detail}")
     sys.exit(0 if all(check["ok"] for check in checks) else 1)
 
 

@@ -22,8 +22,9 @@ except ImportError:
 try:
     from mamba_ssm.ops.triton.layer_norm import rms_norm_fn as fused_add_rms_norm
     from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn as fused_gated_rms_norm
+    from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined
 except ImportError:
-    fused_add_rms_norm = fused_gated_rms_norm = None
+    fused_add_rms_norm = fused_gated_rms_norm = mamba_split_conv1d_scan_combined = None
 
 
 class RMSNorm(nn.Module):
@@ -185,6 +186,8 @@ class CausalMamba2Mixer(nn.Module):
         if continuing and length == 1:
             layer = cache.layers[self.layer_idx]
             return self.step(hidden_states[:, 0], layer.conv_states[0], layer.recurrent_states[0])[:, None]
+        if cache is None and attention_mask is None and self.fused_kernel_applies(hidden_states):
+            return self.out_proj(self.fused_conv_scan_norm(self.in_proj(hidden_states)))
         if attention_mask is not None:
             hidden_states = hidden_states * attention_mask[..., None].to(hidden_states.dtype)
         gate, xbc, dt = self.dims.split_projection(self.in_proj(hidden_states))
@@ -200,6 +203,24 @@ class CausalMamba2Mixer(nn.Module):
         if cache is not None:
             cache.update_recurrent_state(final_state, self.layer_idx)
         return self.out_proj(self.norm(y, gate))
+
+    def fused_kernel_applies(self, hidden_states: torch.Tensor) -> bool:
+        """Whether mamba_ssm's single autograd call for conv + scan + gated norm (its own training path) can run:
+        CUDA, the kernels installed, a conv width causal-conv1d accepts. The caller also requires no cache and no
+        padding, which that call has no input for."""
+        return mamba_split_conv1d_scan_combined is not None and hidden_states.is_cuda and self.dims.conv_dim % 8 == 0
+
+    def fused_conv_scan_norm(self, projected: torch.Tensor) -> torch.Tensor:
+        """in_proj output -> gated-norm output, as the unfused path computes it, in one autograd node.
+
+        Its backward writes the gradient of the whole projection at once (no concatenation of the split's
+        gradients) and recomputes the conv instead of saving it. `out_proj` stays outside so that a LoRA on it
+        is applied."""
+        return mamba_split_conv1d_scan_combined(
+            projected, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias, self.decay_rates(), self.D,
+            self.chunk_size, rmsnorm_weight=self.norm.weight, rmsnorm_eps=self.norm.eps,
+            headdim=self.dims.head_dim, ngroups=self.dims.n_groups, norm_before_gate=False,
+        )
 
     def decay_rates(self) -> torch.Tensor:
         """A = -exp(A_log) in float32: fixed for given weights, so decode graphs compute it once per call."""

@@ -126,7 +126,8 @@ def test_cpu_tensors_never_reach_gpu_kernels(monkeypatch):
         raise AssertionError("a GPU kernel was called with CPU tensors")
 
     for module, name in [(ssd, "mamba_chunk_scan_combined"), (ssd, "selective_state_update"),
-                         (mamba2, "causal_conv1d_fn"), (mamba2, "causal_conv1d_update")]:
+                         (mamba2, "causal_conv1d_fn"), (mamba2, "causal_conv1d_update"),
+                         (mamba2, "mamba_split_conv1d_scan_combined")]:
         monkeypatch.setattr(module, name, gpu_only)
     model = tiny_model()
     ids, pixels = prompts(model.config, 1)

@@ -2,9 +2,12 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache, Mamba2Config, Mamba2Model
 
-from modeling_mlmamba.mamba2 import Mamba2LanguageModel, kernel_aligned
+from modeling_mlmamba import mamba2
+from modeling_mlmamba.mamba2 import CausalMamba2Mixer, Mamba2LanguageModel, kernel_aligned
+from modeling_mlmamba.ssd import ssd_sequential
 
 CONFIG = dict(
     hidden_size=32, num_hidden_layers=2, state_size=8, head_dim=8, num_heads=8, chunk_size=4, vocab_size=50,
@@ -62,6 +65,59 @@ def test_mixers_get_the_mask_only_when_something_is_padded():
     ours(embeds, attention_mask=left_padded)
     assert seen[0] is None and seen[1] is None and torch.equal(seen[2], left_padded)
     assert torch.equal(all_ones, unmasked)
+
+
+def split_conv_scan_norm_contract(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, *, rmsnorm_weight,
+                                  rmsnorm_eps, headdim, ngroups, norm_before_gate):
+    """mamba_ssm's `mamba_split_conv1d_scan_combined` as its docstring and reference define it, written out with
+    the sequential recurrence: the CPU stand-in for the CUDA-only kernel."""
+    nheads, kernel = D.shape[0], conv1d_weight.shape[-1]
+    dim = nheads * headdim
+    state = (conv1d_weight.shape[0] - dim) // ngroups // 2
+    z, xbc, dt = zxbcdt.split([dim, dim + 2 * ngroups * state, nheads], dim=-1)
+    conv = F.conv1d(xbc.transpose(1, 2), conv1d_weight[:, None], conv1d_bias, padding=kernel - 1, groups=xbc.shape[-1])
+    x, B, C = F.silu(conv[..., : xbc.shape[1]]).transpose(1, 2).split([dim, ngroups * state, ngroups * state], -1)
+    y, _ = ssd_sequential(x.unflatten(-1, (nheads, headdim)), F.softplus(dt + dt_bias), A,
+                          B.unflatten(-1, (ngroups, state)), C.unflatten(-1, (ngroups, state)), D)
+    y = y.flatten(-2)
+    gated = (y if norm_before_gate else y * F.silu(z)).unflatten(-1, (ngroups, -1))
+    normed = (gated * torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + rmsnorm_eps)).flatten(-2) * rmsnorm_weight
+    return normed * F.silu(z) if norm_before_gate else normed
+
+
+def test_fused_training_path_computes_the_unfused_forward_and_gradients(monkeypatch):
+    """The mixer's one-call kernel path (CUDA-only) hands mamba_ssm's function the arguments that reproduce the
+    unfused path, checked on CPU against that function's contract; it is not taken with a cache or padding."""
+    ours, _ = twin_models(n_groups=2)
+    ours.train()
+    ids = torch.randint(1, 50, (2, 9))
+
+    def loss_and_grads():
+        ours.zero_grad()
+        hidden, _ = ours(ours.embeddings(ids))
+        hidden.square().mean().backward()
+        return hidden.detach(), {name: param.grad.clone() for name, param in ours.named_parameters()}
+
+    unfused, unfused_grads = loss_and_grads()
+    calls = []
+
+    def fused(*args, **kwargs):
+        calls.append(args[0].shape)
+        return split_conv_scan_norm_contract(*args, **kwargs)
+
+    monkeypatch.setattr(mamba2, "mamba_split_conv1d_scan_combined", fused)
+    monkeypatch.setattr(CausalMamba2Mixer, "fused_kernel_applies", lambda self, hidden_states: True)
+    fused_out, fused_grads = loss_and_grads()
+    assert len(calls) == len(ours.layers)
+    assert relative_error(fused_out, unfused) <= 1e-5
+    for name, grad in unfused_grads.items():
+        assert relative_error(fused_grads[name], grad) <= 1e-4, name
+
+    calls.clear()
+    with torch.no_grad():
+        ours(ours.embeddings(ids), attention_mask=torch.tensor([[0] * 2 + [1] * 7, [1] * 9]))
+        ours(ours.embeddings(ids), cache=DynamicCache(config=ours.config))
+    assert not calls
 
 
 @pytest.mark.parametrize("prompt_length", [1, 3, 9])
