@@ -206,9 +206,10 @@ class CausalMamba2Mixer(nn.Module):
 
     def fused_kernel_applies(self, hidden_states: torch.Tensor) -> bool:
         """Whether mamba_ssm's single autograd call for conv + scan + gated norm (its own training path) can run:
-        CUDA, the kernels installed, a conv width causal-conv1d accepts. The caller also requires no cache and no
-        padding, which that call has no input for."""
-        return mamba_split_conv1d_scan_combined is not None and hidden_states.is_cuda and self.dims.conv_dim % 8 == 0
+        CUDA, mamba-ssm and causal-conv1d (which it calls) installed, a conv width that kernel accepts. The caller
+        also requires no cache and no padding, which that call has no input for."""
+        kernels = mamba_split_conv1d_scan_combined is not None and causal_conv1d_fn is not None
+        return kernels and hidden_states.is_cuda and self.dims.conv_dim % 8 == 0
 
     def fused_conv_scan_norm(self, projected: torch.Tensor) -> torch.Tensor:
         """in_proj output -> gated-norm output, as the unfused path computes it, in one autograd node.
