@@ -118,15 +118,17 @@ def main():
     gpu = MLMambaForConditionalGeneration(config)
     gpu.load_state_dict(reference.state_dict())
     gpu.cuda()
-    fused_kernel = mamba2.mamba_split_conv1d_scan_combined
-    cpu_gradients = language_model_gradients(reference, ids, pixels)
-    for label, expected, autocast_dtype, bound in (("fp32, vs CPU reference", cpu_gradients, None, 1e-3),
-                                                   ("bf16 autocast, vs unfused kernels", None, torch.bfloat16, 1e-2)):
-        if expected is None:
-            mamba2.mamba_split_conv1d_scan_combined = None
-            expected = language_model_gradients(gpu, ids.cuda(), pixels.cuda(), autocast_dtype)
-            mamba2.mamba_split_conv1d_scan_combined = fused_kernel
-        error = relative_error(language_model_gradients(gpu, ids.cuda(), pixels.cuda(), autocast_dtype), expected)
+    gpu_ids, gpu_pixels = ids.cuda(), pixels.cuda()
+    fused_fp32 = language_model_gradients(gpu, gpu_ids, gpu_pixels)
+    fused_bf16 = language_model_gradients(gpu, gpu_ids, gpu_pixels, torch.bfloat16)
+    fused_kernel, mamba2.mamba_split_conv1d_scan_combined = mamba2.mamba_split_conv1d_scan_combined, None
+    unfused_bf16 = language_model_gradients(gpu, gpu_ids, gpu_pixels, torch.bfloat16)
+    mamba2.mamba_split_conv1d_scan_combined = fused_kernel
+    for label, actual, expected, bound in (
+        ("fp32, vs CPU reference", fused_fp32, language_model_gradients(reference, ids, pixels), 1e-3),
+        ("bf16 autocast, vs unfused kernels", fused_bf16, unfused_bf16, 1e-2),
+    ):
+        error = relative_error(actual, expected)
         record(checks, {"check": f"LM gradients, fused conv+scan+norm, {label}", "rel_err": error, "bound": bound,
                         "ok": error <= bound and fused_kernel is not None})
 
