@@ -11,6 +11,10 @@ parameters get no gradient and no optimizer state, and the LM head stays tied to
     accelerate launch --config_file examples/accelerate/fsdp.yaml --fsdp_activation_checkpointing true \\
         examples/benchmark_training.py --json fsdp.json
 
+`--checkpoint_every_n_layers 2` checkpoints every second block only (transformers' `every_n_layers`, which
+`TrainingArguments(gradient_checkpointing_kwargs={"every_n_layers": 2})` sets for any Trainer run): memory that full
+checkpointing frees and the batch does not need is spent on skipping recomputation.
+
 Under FSDP, activation checkpointing comes from the accelerate config (transformers refuses it together with
 `--gradient_checkpointing`), so the script leaves the training argument off there.
 """
@@ -163,6 +167,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--stage", default="finetune")
     parser.add_argument("--no_gradient_checkpointing", action="store_true")
+    parser.add_argument("--checkpoint_every_n_layers", type=int, default=1,
+                        help="transformers' every_n_layers: checkpoint every n-th block, keep the rest's activations")
     parser.add_argument("--peak_tflops", type=float, default=H200_BF16_DENSE_TFLOPS, help="bf16 dense, per GPU")
     parser.add_argument("--profile_steps", type=int, default=0, help="profile this many steps after the timed ones")
     parser.add_argument("--json", help="write the results here (rank 0)")
@@ -180,13 +186,17 @@ def main(argv=None) -> dict:
 
     fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     fsdp_checkpointing = os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true"
+    if args.checkpoint_every_n_layers != 1 and (args.no_gradient_checkpointing or fsdp):
+        parser.error("--checkpoint_every_n_layers selects layers for --gradient_checkpointing, which is off here "
+                     "(--no_gradient_checkpointing, or FSDP, whose checkpointing comes from the accelerate config)")
     sequence_length = config.image_seq_length + args.text_tokens
     training_args = TrainingArguments(
         output_dir="/tmp/benchmark-training", per_device_train_batch_size=args.per_device_batch_size,
         max_steps=args.warmup + args.steps + args.profile_steps, learning_rate=1e-5, bf16=cuda, use_cpu=not cuda, save_strategy="no", report_to="none",
         logging_steps=1, disable_tqdm=True, dataloader_num_workers=4, remove_unused_columns=False,
         gradient_checkpointing=not (args.no_gradient_checkpointing or fsdp),
-        gradient_checkpointing_kwargs={"use_reentrant": False}, ddp_backend="gloo" if not cuda and "WORLD_SIZE" in os.environ else None,
+        gradient_checkpointing_kwargs={"use_reentrant": False, "every_n_layers": args.checkpoint_every_n_layers},
+        ddp_backend="gloo" if not cuda and "WORLD_SIZE" in os.environ else None,
     )
     world_size = training_args.world_size
     dataset = SyntheticSamples(config, args.text_tokens,
@@ -212,6 +222,10 @@ def main(argv=None) -> dict:
         "mode": mode, "gpus": world_size, "per_device_batch_size": args.per_device_batch_size,
         "sequence_length": sequence_length, "image_tokens": config.image_seq_length, "stage": args.stage,
         "gradient_checkpointing": training_args.gradient_checkpointing or fsdp_checkpointing,
+        "checkpointed_lm_layers": None if fsdp else sum(
+            bool(layer.gradient_checkpointing) for layer in model.model.language_model.layers
+        ),
+        "lm_layers": config.text_config.num_hidden_layers,
         "timed_steps": args.steps, "seconds": timer.elapsed, "samples_per_second": samples_per_second,
         "tokens_per_second": samples_per_second * sequence_length,
         "peak_memory_gib_per_gpu": [round(p.item(), 2) for p in peaks],

@@ -169,20 +169,41 @@ def test_wrong_pixel_shapes_are_rejected(model, shape, message):
         model(input_ids=ids, pixel_values=torch.randn(*shape))
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("every_n_layers", [1, 2])
+def test_gradient_checkpointing_gives_the_same_gradients(every_n_layers):
+    """Full checkpointing and transformers' `every_n_layers` (checkpoint some blocks, keep the others' activations):
+    the same gradients as no checkpointing, and exactly the chosen LM blocks run their forward again in backward."""
     def gradients(checkpointing: bool):
-        model = tiny_model()
+        model = tiny_model(text_config=dict(num_hidden_layers=4))
         model.train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            assert model.model.connector.layers[0].gradient_checkpointing
-            assert model.model.language_model.layers[0].gradient_checkpointing
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}, every_n_layers=every_n_layers
+            )
+            if every_n_layers == 1:
+                assert model.model.connector.layers[0].gradient_checkpointing
+        blocks = model.model.language_model.layers
+        forwards = [0] * len(blocks)
+
+        def count_forward(index):
+            def hook(*_):
+                forwards[index] += 1
+            return hook
+
+        for index, block in enumerate(blocks):
+            block.mixer.register_forward_pre_hook(count_forward(index))
         config = model.config
         ids = torch.tensor([image_prompt(config, [5, 6, 7, 8])])
         model(input_ids=ids, pixel_values=random_pixels(1, config), labels=ids).loss.backward()
-        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        checkpointed = [bool(block.gradient_checkpointing) for block in blocks]
+        assert forwards == [1 + flag for flag in checkpointed]
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, checkpointed
 
-    plain, checkpointed = gradients(False), gradients(True)
+    (plain, none), (checkpointed, chosen) = gradients(False), gradients(True)
+    assert not any(none)
+    positions = [index for index, flag in enumerate(chosen) if flag]
+    assert len(positions) == 4 // every_n_layers
+    assert all(later - earlier == every_n_layers for earlier, later in zip(positions, positions[1:]))
     assert plain.keys() == checkpointed.keys()
     assert any(name.startswith("model.connector.layers") for name in plain)
     for name in plain:

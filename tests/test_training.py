@@ -470,6 +470,16 @@ def test_finetune_trains_and_writes_a_loadable_model_with_processor_and_card(fin
     assert "ml-mamba" in card and "stage `full`" in card and "train.json" in card
 
 
+def test_finetune_checkpoints_every_n_th_block_from_the_training_arguments(finetune, workspace):
+    """The README's faster setting on one large GPU: `--gradient_checkpointing_kwargs '{"every_n_layers": 2}'`."""
+    trainer = finetune.main(finetune_args(workspace, "out", "--max_steps", "1", "--save_strategy", "no",
+                                          "--gradient_checkpointing", "--gradient_checkpointing_kwargs",
+                                          '{"every_n_layers": 2}'))
+    assert trainer.state.global_step == 1
+    flags = [bool(block.gradient_checkpointing) for block in trainer.model.model.language_model.layers]
+    assert flags.count(True) == len(flags) // 2 and all(a != b for a, b in zip(flags, flags[1:]))
+
+
 def test_finetune_align_stage_changes_only_connector_and_projector(finetune, workspace, monkeypatch):
     initial = {}
     original = finetune.set_training_stage
