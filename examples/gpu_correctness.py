@@ -57,6 +57,13 @@ def language_model_gradients(model, ids, pixels, autocast_dtype=None):
     return torch.cat([param.grad.flatten() for param in model.model.language_model.parameters()])
 
 
+def copy_of(reference, device, dtype=None):
+    """A new model with the reference's weights on `device` (and in `dtype`), in eval mode."""
+    model = MLMambaForConditionalGeneration(reference.config).eval()
+    model.load_state_dict(reference.state_dict())
+    return model.to(device, dtype)
+
+
 def record(checks, check):
     """Keep a check and print its line at once, so a run cut short still shows what it got through."""
     checks.append(check)
@@ -86,13 +93,8 @@ def main():
     # bf16 is checked against the reference path run in bf16 too (same weights, same precision): the gap
     # between any bf16 run and float32 is the format's, and is reported for the CPU path alongside.
     for dtype, bound in ((torch.float32, 1e-3), (torch.bfloat16, 1e-2)):
-        cpu = MLMambaForConditionalGeneration(config).eval()
-        cpu.load_state_dict(reference.state_dict())
-        cpu.to(dtype)
-        ref_connector, ref_logits = outputs(cpu, ids, pixels.to(dtype))
-        gpu = MLMambaForConditionalGeneration(config).eval()
-        gpu.load_state_dict(reference.state_dict())
-        gpu.to("cuda", dtype)
+        ref_connector, ref_logits = outputs(copy_of(reference, "cpu", dtype), ids, pixels.to(dtype))
+        gpu = copy_of(reference, "cuda", dtype)
         for label, (conv_fn, conv_update) in conv_kernels.items():
             mamba2.causal_conv1d_fn, mamba2.causal_conv1d_update = conv_fn, conv_update
             connector, logits = outputs(gpu, ids.cuda(), pixels.cuda().to(dtype))
@@ -115,9 +117,7 @@ def main():
         record(checks, {"check": f"batch-1 GEMV kernel {in_features}->{out_features} vs float64", "rel_err": error,
                         "bound": 1e-2, "ok": error <= 1e-2})
 
-    gpu = MLMambaForConditionalGeneration(config)
-    gpu.load_state_dict(reference.state_dict())
-    gpu.cuda()
+    gpu = copy_of(reference, "cuda")
     gpu_ids, gpu_pixels = ids.cuda(), pixels.cuda()
     fused_fp32 = language_model_gradients(gpu, gpu_ids, gpu_pixels)
     fused_bf16 = language_model_gradients(gpu, gpu_ids, gpu_pixels, torch.bfloat16)
