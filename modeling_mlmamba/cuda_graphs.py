@@ -7,14 +7,19 @@ GPU work). Captured graphs replay all of it in one launch.
 Decode: each decode graph owns state buffers for one batch size; at the first decode step of a
 `generate()` call the cache's states are copied into them and the cache is pointed at them, so the cache stays
 the live state. Prefill: a prompt shape is captured the second time it is seen (a one-off shape runs eagerly
-and pays no capture), and the final states the graph produces are handed to the caller's cache. Replays run
-exactly the kernels of the eager path, so results are bit-identical with and without graphs.
+and pays no capture); the graph records the model's own eager `forward`, and the final states it produces are
+handed to the caller's cache. Replays run exactly the kernels of the eager path, so results are bit-identical with
+and without graphs.
+
+The model's `forward` asks `GenerationGraphs.replay` once per call; everything about when a graph serves a call
+(which inputs, which devices, training or not) is decided here, in `route`.
 """
 
 import weakref
 from collections import OrderedDict
 
 import torch
+from transformers import DynamicCache
 
 MAX_PREFILL_GRAPHS = 8
 MAX_DECODE_GRAPHS = 4
@@ -36,6 +41,15 @@ def fill_cache(cache, states, conv_kernel: int) -> None:
     for layer_idx, (conv_state, ssm_state) in enumerate(states):
         cache.update_conv_state(conv_state, layer_idx, conv_kernel_size=conv_kernel)
         cache.update_recurrent_state(ssm_state, layer_idx)
+
+
+# Arguments whose neutral values differ from "unset or off": `generate()` passes them switched on.
+NEUTRAL_VALUES = {"use_cache": (None, True), "return_dict": (None, True)}
+
+
+def is_neutral(name: str, value) -> bool:
+    """Whether a forward argument leaves the call a plain generation step."""
+    return any(value is neutral for neutral in NEUTRAL_VALUES.get(name, (None, False)))
 
 
 def weights_fingerprint(module: torch.nn.Module) -> tuple:
@@ -123,6 +137,7 @@ class GenerationGraphs:
     """
 
     def __init__(self):
+        self.running = False
         self.prefill_graphs: OrderedDict[tuple, GraphedCall] = OrderedDict()
         self.decode_graphs: OrderedDict[tuple, DecodeGraph] = OrderedDict()
         self.seen_prompts: OrderedDict[tuple, None] = OrderedDict()
@@ -145,11 +160,47 @@ class GenerationGraphs:
         if device.type == "cuda" and self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
 
+    def route(self, model, cache, input_ids=None, logits_to_keep=0, attention_mask=None, pixel_values=None,
+              **other_inputs) -> str | None:
+        """"decode" or "prefill" when a graph can serve this forward call, else None (it runs eagerly).
+
+        Graphs serve inference of input ids with a cache on a graph device, asking for nothing beyond the logits:
+        any other argument that is set declines, so a new forward argument can never slip past. A decode step is
+        one token continuing the cache, without images; a prefill is `generate()`'s first call (empty cache, last
+        logits only).
+        """
+        if (
+            self.running
+            or not model.config.use_cuda_graphs
+            or input_ids is None
+            or input_ids.device.type not in model.cuda_graph_devices
+            or cache is None
+            or model.training
+            or torch.is_grad_enabled()
+            or getattr(cache.layers[0], "record_past", False)
+            or not all(is_neutral(name, value) for name, value in other_inputs.items())
+        ):
+            return None
+        if cache.has_previous_state(0):
+            return "decode" if input_ids.shape[1] == 1 and pixel_values is None else None
+        return "prefill" if isinstance(logits_to_keep, int) and logits_to_keep == 1 else None
+
+    def replay(self, model, cache, input_ids=None, attention_mask=None, pixel_values=None, **other_inputs):
+        """Logits (batch, 1, vocab) from a captured graph, advancing `cache`; None when the call must run eagerly."""
+        route = self.route(model, cache, input_ids=input_ids, attention_mask=attention_mask,
+                           pixel_values=pixel_values, **other_inputs)
+        if route == "decode":
+            return self.decode(model, input_ids, cache)[:, None]
+        if route == "prefill":
+            return self.prefill(model, cache, input_ids, attention_mask, pixel_values)
+        return None
+
     def prefill(self, model, cache, input_ids, attention_mask, pixel_values):
         """Last-position logits (batch, 1, vocab) of a prompt, its final states stored in the empty `cache`; or None
         the first time a prompt shape is seen (the caller then runs eagerly).
 
-        `model` provides `prefill_logits(input_ids, attention_mask, pixel_values, cache)` and `new_cache()`."""
+        The graph records `model(...)` itself with a fresh cache; image placeholders are checked before each
+        replay, since the check (a host sync) is skipped inside a capture."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         pixels = None if pixel_values is None else (tuple(pixel_values.shape), pixel_values.dtype)
@@ -159,14 +210,18 @@ class GenerationGraphs:
             if len(self.seen_prompts) > 4 * MAX_PREFILL_GRAPHS:
                 self.seen_prompts.popitem(last=False)
             return None
+        model.model.check_image_placeholders(model.model.image_placeholder_mask(input_ids, None), pixel_values, cache)
         self._check_weights(model, cache, input_ids.device)
         call = self.prefill_graphs.get(key)
         if call is None:
             def prefill(ids, mask, pixels):
-                graph_cache = model.new_cache()
-                return model.prefill_logits(ids, mask, pixels, graph_cache), cache_states(graph_cache)
+                graph_cache = DynamicCache(config=model.config.text_config)
+                logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, cache=graph_cache,
+                               logits_to_keep=1).logits
+                return logits, cache_states(graph_cache)
 
-            call = GraphedCall(prefill, [input_ids, attention_mask, pixel_values], input_ids.is_cuda, self.pool)
+            call = GraphedCall(self._exclusive(prefill), [input_ids, attention_mask, pixel_values],
+                               input_ids.is_cuda, self.pool)
             self.prefill_graphs[key] = call
             if len(self.prefill_graphs) > MAX_PREFILL_GRAPHS:
                 self.prefill_graphs.popitem(last=False)
@@ -175,18 +230,35 @@ class GenerationGraphs:
         fill_cache(cache, states, model.config.text_config.conv_kernel)
         return logits.clone()
 
+    def _exclusive(self, fn):
+        """fn with `route` declining meanwhile, so the model's forward inside a capture runs eagerly."""
+        def call(*inputs):
+            self.running = True
+            try:
+                return fn(*inputs)
+            finally:
+                self.running = False
+
+        return call
+
     def decode(self, model, input_ids: torch.Tensor, cache) -> torch.Tensor:
         """Next-token logits (batch, vocab) for one new token per sequence, advancing `cache` in place.
 
-        `model` provides `decode_step(input_ids, states, decay_rates)` and `decay_rates()`."""
+        The step runs the language model's `step` (explicit state tensors, no cache object) and the model's head."""
         conv, ssm = cache.layers[0].conv_states[0], cache.layers[0].recurrent_states[0]
         key = (input_ids.shape[0], input_ids.device, conv.dtype, ssm.dtype)
         graph = self.decode_graphs.get(key)
         if graph is None or not graph.is_bound_to(cache):
             self._check_weights(model, cache, input_ids.device)
             if key not in self.decode_graphs:
+                language_model = model.model.language_model
+
+                def decode_step(ids, states, rates):
+                    return model.compute_logits(language_model.step(ids, states, rates))
+
                 self.decode_graphs[key] = DecodeGraph(
-                    model.decode_step, model.decay_rates, input_ids, cache_states(cache), input_ids.is_cuda, self.pool
+                    decode_step, language_model.decay_rates, input_ids, cache_states(cache), input_ids.is_cuda,
+                    self.pool,
                 )
                 if len(self.decode_graphs) > MAX_DECODE_GRAPHS:
                     self.decode_graphs.popitem(last=False)[1].release()

@@ -137,6 +137,12 @@ class SSMDimensions:
         return x.unflatten(-1, (self.num_heads, self.head_dim)), B.unflatten(-1, groups), C.unflatten(-1, groups)
 
 
+def decay_rates(A_log: torch.Tensor) -> torch.Tensor:
+    """A = -exp(A_log) in at least float32 (bf16/fp16 parameters are upcast, float64 stays): the one definition
+    that the chunked scan, the fused kernels and the decode step share, so prefill and decode use the same A."""
+    return -torch.exp(A_log.to(torch.promote_types(A_log.dtype, torch.float32)))
+
+
 def selective_scan(dims: SSMDimensions, ssm: nn.Module, conv_out, dt, chunk_size, initial_state=None):
     """The SSD scan (+ D skip) of one direction over its conv output. `ssm` owns dt_bias, A_log and D.
 
@@ -144,7 +150,7 @@ def selective_scan(dims: SSMDimensions, ssm: nn.Module, conv_out, dt, chunk_size
     """
     x, B, C = dims.split_conv_output(conv_out)
     y, final_state = ssd_scan(
-        x, dt, -torch.exp(ssm.A_log), B, C, chunk_size, D=ssm.D, dt_bias=ssm.dt_bias, initial_state=initial_state,
+        x, dt, decay_rates(ssm.A_log), B, C, chunk_size, D=ssm.D, dt_bias=ssm.dt_bias, initial_state=initial_state,
     )
     return y.flatten(-2), final_state
 
@@ -218,20 +224,16 @@ class CausalMamba2Mixer(nn.Module):
         gradients) and recomputes the conv instead of saving it. `out_proj` stays outside so that a LoRA on it
         is applied."""
         return mamba_split_conv1d_scan_combined(
-            projected, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias, self.decay_rates(), self.D,
+            projected, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias, decay_rates(self.A_log), self.D,
             self.chunk_size, rmsnorm_weight=self.norm.weight, rmsnorm_eps=self.norm.eps,
             headdim=self.dims.head_dim, ngroups=self.dims.n_groups, norm_before_gate=False,
         )
-
-    def decay_rates(self) -> torch.Tensor:
-        """A = -exp(A_log) in float32: fixed for given weights, so decode graphs compute it once per call."""
-        return -torch.exp(self.A_log.float())
 
     def step(self, hidden_states, conv_state, ssm_state, A=None):
         """One token (batch, hidden) -> (batch, hidden), updating both states in place (CUDA-graph friendly)."""
         gate, xbc, dt = self.dims.split_projection(decode_linear(self.in_proj, hidden_states))
         x, B, C = self.dims.split_conv_output(causal_conv_step(xbc, conv_state, self.conv1d))
-        A = self.decay_rates() if A is None else A
+        A = decay_rates(self.A_log) if A is None else A
         y = ssd_step(ssm_state, x, dt, A, B, C, D=self.D, dt_bias=self.dt_bias)
         return decode_linear(self.out_proj, self.norm(y.flatten(-2), gate))
 
@@ -303,14 +305,14 @@ class Mamba2LanguageModel(nn.Module):
         return normed, all_hidden_states
 
     def decay_rates(self) -> list[torch.Tensor]:
-        return [layer.mixer.decay_rates() for layer in self.layers]
+        """Each layer's A: fixed for given weights, so a decode graph computes them once per `generate()` call."""
+        return [decay_rates(layer.mixer.A_log) for layer in self.layers]
 
-    def step(self, input_ids, states, decay_rates=None):
+    def step(self, input_ids, states, rates=None):
         """One token per sequence (batch,) -> final normed hidden (batch, hidden); `states` holds each layer's
-        (conv_state, ssm_state), updated in place; `decay_rates` optionally each layer's precomputed A."""
+        (conv_state, ssm_state), updated in place; `rates` optionally each layer's precomputed A."""
         hidden_states, residual = self.embeddings(input_ids), None
-        decay_rates = decay_rates or [None] * len(self.layers)
-        for layer, (conv_state, ssm_state), A in zip(self.layers, states, decay_rates):
+        for layer, (conv_state, ssm_state), A in zip(self.layers, states, rates or [None] * len(self.layers)):
             hidden_states, residual = layer.step(hidden_states, residual, conv_state, ssm_state, A)
         normed, _ = add_rms_norm(hidden_states, residual, self.norm_f, self.config.residual_in_fp32)
         return normed

@@ -194,7 +194,12 @@ class MLMambaModel(MLMambaPreTrainedModel):
 
         placeholders = self.image_placeholder_mask(input_ids, inputs_embeds)
         self.check_image_placeholders(placeholders, pixel_values, cache)
-        inputs_embeds, image_features = self.merge_image_features(inputs_embeds, placeholders, pixel_values)
+        image_features = None
+        if pixel_values is not None:
+            # Image after image, into the placeholder positions of the sequence.
+            image_features = self.get_image_features(pixel_values)
+            mask = placeholders[..., None].expand_as(inputs_embeds)
+            inputs_embeds = inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))
 
         use_cache = use_cache if use_cache is not None else (self.config.text_config.use_cache and not self.training)
         if use_cache and cache is None:
@@ -213,7 +218,10 @@ class MLMambaModel(MLMambaPreTrainedModel):
         )
 
     def check_image_placeholders(self, placeholders, pixel_values, cache) -> None:
-        """Every image needs exactly `image_seq_length` placeholder positions (a host sync, so kept out of graphs)."""
+        """Every image needs exactly `image_seq_length` placeholder positions. This is a host sync, so it is skipped
+        while a CUDA graph captures the forward; the graph seam checks before each replay instead."""
+        if placeholders.is_cuda and torch.cuda.is_current_stream_capturing():
+            return
         num_placeholders = int(placeholders.sum())
         if pixel_values is None:
             if num_placeholders and cache is None:
@@ -229,23 +237,12 @@ class MLMambaModel(MLMambaPreTrainedModel):
                 "placeholder to exactly that many tokens"
             )
 
-    def merge_image_features(self, inputs_embeds, placeholders, pixel_values):
-        """Write the image features, image after image, into the placeholder positions of the sequence.
-
-        Returns (embeddings, image features or None).
-        """
-        if pixel_values is None:
-            return inputs_embeds, None
-        image_features = self.get_image_features(pixel_values)
-        mask = placeholders[..., None].expand_as(inputs_embeds)
-        return inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype)), image_features
-
 
 class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
     """ML-Mamba with its language-modelling head: `forward` for training and scoring, `generate` for answers."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embeddings.weight"}
-    # Devices on which generate() replays captured prefill and decode graphs (see `cuda_graphs.py`).
+    # Devices on which generate() replays captured prefill and decode graphs (`cuda_graphs.py` decides when).
     cuda_graph_devices = ("cuda",)
 
     def __init__(self, config: MLMambaConfig):
@@ -255,61 +252,11 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
         self.cuda_graphs = GenerationGraphs()
         self.post_init()
 
-    def new_cache(self) -> DynamicCache:
-        """An empty recurrent cache for the language model (what `generate()` creates)."""
-        return DynamicCache(config=self.config.text_config)
-
-    def decay_rates(self) -> list[torch.Tensor]:
-        """Each LM layer's A = -exp(A_log), fixed for given weights (decode graphs compute it once per call)."""
-        return self.model.language_model.decay_rates()
-
-    def prefill_logits(self, input_ids, attention_mask, pixel_values, cache) -> torch.Tensor:
-        """Last-position logits (batch, 1, vocab) of a prompt, filling `cache`; no host syncs (graph-capturable)."""
-        inputs_embeds = self.get_input_embeddings()(input_ids)
-        placeholders = self.model.image_placeholder_mask(input_ids, inputs_embeds)
-        inputs_embeds, _ = self.model.merge_image_features(inputs_embeds, placeholders, pixel_values)
-        hidden_states, _ = self.model.language_model(inputs_embeds, cache=cache, attention_mask=attention_mask)
-        return self.compute_logits(hidden_states[:, -1:])
-
-    def decode_step(self, input_ids: torch.Tensor, states, decay_rates=None) -> torch.Tensor:
-        """Logits (batch, vocab) of one token per sequence, updating the per-layer `states` in place."""
-        return self.compute_logits(self.model.language_model.step(input_ids, states, decay_rates))
-
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The LM head in float32; a single row takes the batch-1 decode kernel in every path (eager, prefill
         graph, decode graph), so greedy tokens do not depend on whether graphs are used."""
         rows = hidden_states.reshape(-1, hidden_states.shape[-1]).to(self.lm_head.weight.dtype)
         return decode_linear(self.lm_head, rows).float().view(*hidden_states.shape[:-1], -1)
-
-    def _graphs_apply(self, input_ids, cache, other_inputs) -> bool:
-        """Inference on a graph device with input ids and a cache, nothing asked for beyond the logits."""
-        return (
-            self.config.use_cuda_graphs
-            and input_ids is not None
-            and input_ids.device.type in self.cuda_graph_devices
-            and cache is not None
-            and all(value is None or value is False for value in other_inputs.values())
-            and not self.training
-            and not torch.is_grad_enabled()
-            and not getattr(cache.layers[0], "record_past", False)
-        )
-
-    def _replays_decode_graph(self, input_ids, cache, **other_inputs) -> bool:
-        """Whether this forward is a plain decode step that the captured decode graph can take."""
-        return (
-            self._graphs_apply(input_ids, cache, other_inputs)
-            and input_ids.shape[1] == 1
-            and cache.has_previous_state(0)
-        )
-
-    def _replays_prefill_graph(self, input_ids, cache, logits_to_keep, **other_inputs) -> bool:
-        """Whether this forward is the prefill of `generate()` (fresh cache, last logits only)."""
-        return (
-            self._graphs_apply(input_ids, cache, other_inputs)
-            and isinstance(logits_to_keep, int)
-            and logits_to_keep == 1
-            and not cache.has_previous_state(0)
-        )
 
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()
@@ -348,21 +295,13 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
             Compute logits for only the last `logits_to_keep` positions (0: all); `generate()` sets 1.
         """
         cache = cache if cache is not None else cache_params
-        if self._replays_decode_graph(
-            input_ids, cache, pixel_values=pixel_values, inputs_embeds=inputs_embeds, labels=labels,
-            output_hidden_states=output_hidden_states,
-        ):
-            logits = self.cuda_graphs.decode(self, input_ids, cache)
-            return MLMambaCausalLMOutput(logits=logits[:, None], **{CACHE_NAME: cache})
-        if self._replays_prefill_graph(
-            input_ids, cache, logits_to_keep, inputs_embeds=inputs_embeds, labels=labels,
-            output_hidden_states=output_hidden_states,
-        ):
-            placeholders = self.model.image_placeholder_mask(input_ids, None)
-            self.model.check_image_placeholders(placeholders, pixel_values, cache)
-            logits = self.cuda_graphs.prefill(self, cache, input_ids, attention_mask, pixel_values)
-            if logits is not None:
-                return MLMambaCausalLMOutput(logits=logits, **{CACHE_NAME: cache})
+        logits = self.cuda_graphs.replay(
+            self, cache, input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache, output_hidden_states=output_hidden_states,
+            logits_to_keep=logits_to_keep, **kwargs,
+        )
+        if logits is not None:
+            return MLMambaCausalLMOutput(logits=logits, **{CACHE_NAME: cache})
 
         outputs = self.model(
             input_ids=input_ids,

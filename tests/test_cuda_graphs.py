@@ -105,18 +105,32 @@ def test_graphs_are_not_used_outside_plain_decoding(graph_model):
     with torch.no_grad():
         graph_model(input_ids=ids, pixel_values=pixels, cache=cache, use_cache=True)
     token = torch.tensor([[9]])
-    assert not graph_model._replays_decode_graph(token, cache)  # gradients enabled
+    graphs = graph_model.cuda_graphs
+
+    def route(input_ids, cache, **other_inputs):
+        return graphs.route(graph_model, cache, input_ids=input_ids, **other_inputs)
+
+    assert route(token, cache) is None  # gradients enabled
     with torch.no_grad():
-        assert graph_model._replays_decode_graph(token, cache)
-        assert not graph_model._replays_decode_graph(token, cache, output_hidden_states=True)
-        assert not graph_model._replays_decode_graph(token, cache, pixel_values=random_pixels(1, graph_model.config))
-        assert not graph_model._replays_decode_graph(torch.tensor([[9, 10]]), cache)
-        assert not graph_model._replays_decode_graph(token, DynamicCache(config=graph_model.config.text_config))
+        assert route(token, cache) == "decode"
+        assert route(token, cache, use_cache=True, return_dict=True, logits_to_keep=1) == "decode"
+        assert route(token, cache, output_hidden_states=True) is None
+        assert route(token, cache, pixel_values=random_pixels(1, graph_model.config)) is None
+        assert route(token, cache, inputs_embeds=torch.zeros(1, 1, 4)) is None
+        assert route(token, cache, labels=token) is None
+        assert route(token, cache, use_cache=False) is None
+        assert route(token, cache, an_argument_added_later=torch.ones(1)) is None
+        assert route(torch.tensor([[9, 10]]), cache) is None
+        fresh = DynamicCache(config=graph_model.config.text_config)
+        assert route(ids, fresh, logits_to_keep=1) == "prefill"
+        assert route(ids, fresh) is None  # all logits asked for
+        assert route(ids, fresh, logits_to_keep=torch.tensor([0])) is None
+        assert route(ids, None, logits_to_keep=1) is None
         graph_model.train()
-        assert not graph_model._replays_decode_graph(token, cache)
+        assert route(token, cache) is None
         graph_model.eval()
         graph_model.config.use_cuda_graphs = False
-        assert not graph_model._replays_decode_graph(token, cache)
+        assert route(token, cache) is None
 
 
 def test_cpu_tensors_never_reach_gpu_kernels(monkeypatch):

@@ -168,3 +168,30 @@ def test_conv_kernel_input_is_realigned_when_in_proj_width_is_not_a_multiple_of_
     ready = torch.randn(2, 5, 448)
     assert kernel_aligned(ready) is ready  # no copy when the layout already fits
     assert kernel_aligned(torch.randn(2, 5, 844)[..., :450]) is None  # 450 channels: no layout fits the kernel
+
+
+def test_prefill_and_decode_of_bf16_weights_use_the_same_float32_decay_rates(monkeypatch):
+    ours, _ = twin_models()
+    ours = ours.to(torch.bfloat16)
+    rates = {"scan": [], "step": []}
+    scan, step = mamba2.ssd_scan, mamba2.ssd_step
+
+    def recording_scan(x, dt, A, *args, **kwargs):
+        rates["scan"].append(A)
+        return scan(x, dt, A, *args, **kwargs)
+
+    def recording_step(state, x, dt, A, *args, **kwargs):
+        rates["step"].append(A)
+        return step(state, x, dt, A, *args, **kwargs)
+
+    monkeypatch.setattr(mamba2, "ssd_scan", recording_scan)
+    monkeypatch.setattr(mamba2, "ssd_step", recording_step)
+    ids = torch.randint(0, 50, (1, 6))
+    cache = DynamicCache(config=ours.config)
+    ours(ours.embeddings(ids[:, :5]), cache=cache)
+    ours(ours.embeddings(ids[:, 5:]), cache=cache)
+    assert len(rates["scan"]) == len(rates["step"]) == len(ours.layers)
+    for layer, scan_rate, step_rate in zip(ours.layers, rates["scan"], rates["step"]):
+        assert scan_rate.dtype == step_rate.dtype == torch.float32
+        assert torch.equal(scan_rate, step_rate)
+        assert torch.equal(scan_rate, -torch.exp(layer.mixer.A_log.float()))
