@@ -4,7 +4,8 @@ numbers in docs/benchmarks.md, one test per check, with the bounds recorded ther
 A mid-size ML-Mamba (the released 27x27 patch grid of 384 px images and 14 px patches, chunk 256, state 128, small
 widths) and the paper's 760-token prompt (729 image + 31 text tokens). Every test needs a CUDA GPU; a check of one
 kernel also needs that kernel installed (`pip install -e ".[gpu]"`). `python -m pytest -q tests/gpu -rs` says why each
-skip happened; `--junitxml=F` also records each measured relative error (`rel_err`) next to its test.
+skip happened; `--junitxml=F -o junit_family=xunit1` also records each measured relative error (`rel_err`) next
+to its test.
 """
 
 import pytest
