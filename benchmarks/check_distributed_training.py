@@ -94,7 +94,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--launches", nargs="+", choices=("ddp", "fsdp"), default=["ddp", "fsdp"],
                         help="the accelerate configs whose runs are compared with one process")
     parser.add_argument("--checks", nargs="*", choices=("resume", "lora"), default=["resume", "lora"],
-                        help="besides the launches against one process: FSDP resumed from its checkpoint, LoRA under each launch")
+                        help="besides the launches against one process: FSDP resumed from its checkpoint, LoRA under "
+                             "each launch")
     parser.add_argument("--config_file", type=Path, default=EXAMPLES / "configs" / "shapes-vqa.json",
                         help="the MLMambaConfig JSON of the model to train; its image_token_id and vocabulary must fit "
                              "the shapes-vqa tokenizer")

@@ -14,7 +14,9 @@ import torch
 from modeling_mlmamba import MLMambaConfig, MLMambaForConditionalGeneration, gemv, mamba2
 
 CUDA = torch.cuda.is_available()
-pytestmark = pytest.mark.skipif(not CUDA, reason="no CUDA GPU: these tests compare the CUDA fast path with the CPU path")
+pytestmark = pytest.mark.skipif(
+    not CUDA, reason="no CUDA GPU: these tests compare the CUDA fast path with the CPU path"
+)
 # Each kernel's own skip applies only on a GPU, so that on a CPU every test reports the missing GPU.
 needs_causal_conv1d = pytest.mark.skipif(
     CUDA and mamba2.causal_conv1d_fn is None, reason="causal-conv1d is not installed (pip install -e '.[gpu]')"
@@ -156,7 +158,9 @@ def test_fused_training_gradients_match_the_unfused_kernels_under_bf16_autocast(
     unfused = language_model_gradients(model, *prompt, autocast_dtype=torch.bfloat16)
     error = relative_error(fused, unfused)
     record_property("rel_err", error)
-    assert error <= BF16_BOUND, f"LM gradients, fused vs unfused, bf16 autocast: rel. error {error:.2e} > {BF16_BOUND:.0e}"
+    assert error <= BF16_BOUND, (
+        f"LM gradients, fused vs unfused, bf16 autocast: rel. error {error:.2e} > {BF16_BOUND:.0e}"
+    )
 
 
 def greedy(model, ids, mask, pixels, use_graphs):
