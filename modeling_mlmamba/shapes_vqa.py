@@ -1,17 +1,16 @@
-"""shapes-vqa: a synthetic visual question answering task (SPEC §3), small enough to train an ML-Mamba in minutes.
+"""shapes-vqa: a synthetic visual question answering task, small enough to train an ML-Mamba in minutes.
 
-Scenes of one to three filled shapes on a white 128x128 canvas, six kinds of questions with one-word answers.
-Everything is drawn from a seeded `random.Random`, so a seed gives the same scenes, images and questions on every
-machine. Each scene belongs to one split by a hash of its objects (in drawing order), so whatever seeds and sizes
-are used, a test scene can only appear in training data if the same boxes are drawn to the pixel in the same order.
+Scenes of one to three filled shapes (circle, square, triangle; distinct per scene) in red, green, blue or yellow on a
+white 128x128 canvas, six kinds of questions with one-word answers. Everything is drawn from a seeded
+`random.Random`, so a seed gives the same scenes, images and questions on every machine. Each scene belongs to one
+split by a hash of its objects (in drawing order), so whatever seeds and sizes are used, a test scene can only appear
+in training data if the same boxes are drawn to the pixel in the same order.
 
-    python -m modeling_mlmamba.shapes_vqa --output data/shapes --num-images 20000 --seed 0
-
-writes `train.json` (LLaVA-format conversations), `images/*.png` and `tokenizer/` (a byte-level BPE built for
-the task's text, laid out like the released GPT-NeoX tokenizer).
+`write_dataset` writes LLaVA-format conversations and their images, `build_tokenizer` a byte-level BPE built for the
+task's text (laid out like the released GPT-NeoX tokenizer), `evaluate` scores a model on the held-out split;
+`scripts/make_shapes_vqa.py` is their command line.
 """
 
-import argparse
 import hashlib
 import json
 import multiprocessing
@@ -36,8 +35,8 @@ TEST_FRACTION = 10  # one scene in ten is a test scene
 
 # The tokenizer's special tokens, at fixed ids: end-of-text (also padding, as released), the two chat roles and
 # the image placeholder, so a model config can name `image_token_id` before the tokenizer is built.
-SPECIAL_TOKENS = ("<|endoftext|>", "<|user|>", "<|assistant|>", "<image>")
-IMAGE_TOKEN_ID = SPECIAL_TOKENS.index("<image>")
+RESERVED_TOKENS = ("<|endoftext|>", "<|user|>", "<|assistant|>", "<image>")
+IMAGE_TOKEN_ID = RESERVED_TOKENS.index("<image>")
 TOKENIZER_VOCAB_SIZE = 384
 # The held-out set every shapes-vqa model is scored on: all questions of these test-split scenes.
 EVAL_SEED = 1234
@@ -123,7 +122,9 @@ def render(scene: Scene) -> Image.Image:
 
 
 def scene_questions(scene: Scene) -> list[Question]:
-    """Every question SPEC §3 allows for a scene, in a fixed order."""
+    """Every question the task asks about a scene, in a fixed order: a colour per object, a shape per unique colour,
+    the count, left / above for each ordered pair whose box centres are at least 16 px apart on that axis, and
+    whether each shape is present."""
     questions = [Question("color", f"What color is the {obj.shape}?", obj.color) for obj in scene]
     colors = [obj.color for obj in scene]
     questions += [
@@ -246,29 +247,12 @@ def build_tokenizer(vocab_size: int = TOKENIZER_VOCAB_SIZE, model_max_length: in
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+        vocab_size=vocab_size, special_tokens=list(RESERVED_TOKENS), show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     backend.train_from_iterator(task_texts() * 4, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-        additional_special_tokens=list(SPECIAL_TOKENS[1:]), model_max_length=model_max_length,
+        additional_special_tokens=list(RESERVED_TOKENS[1:]), model_max_length=model_max_length,
     )
 
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", required=True, help="folder for {split}.json, images/ and tokenizer/")
-    parser.add_argument("--num-images", type=int, required=True, help="number of scenes (one image each)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--split", choices=SPLITS, default="train")
-    parser.add_argument("--max-turns", type=int, default=4, help="questions per conversation, at most")
-    parser.add_argument("--workers", type=int, default=1, help="processes that render the images")
-    args = parser.parse_args(argv)
-    path = write_dataset(args.output, args.num_images, args.seed, args.split, args.max_turns, args.workers)
-    build_tokenizer().save_pretrained(Path(args.output) / "tokenizer")
-    print(path)
-
-
-if __name__ == "__main__":
-    main()

@@ -2,7 +2,7 @@
 
 `LlavaConversationDataset` reads the JSON format of LLaVA's instruction data; `MLMambaDataCollator` renders each
 conversation with the processor's chat template and supervises only the assistant answers and their closing
-`<|endoftext|>` (SPEC §1); `set_training_stage` freezes what a stage keeps fixed. All three work with
+`<|endoftext|>` (as released); `set_training_stage` freezes what a stage keeps fixed. All three work with
 `transformers.Trainer`.
 """
 
@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 ROLES = {"human": "user", "gpt": "assistant"}
 
-# What each stage trains (paper §3.4 / the released recipe); everything else is frozen.
+# What each stage trains (the paper's section 3.4 and the released recipe); everything else is frozen.
 TRAINING_STAGES = {
     "align": ("connector", "projector"),
     "finetune": ("connector", "projector", "language_model"),

@@ -66,15 +66,20 @@ def tiny_processor(config: MLMambaConfig | None = None, **tokenizer_kwargs):
     return MLMambaProcessor.from_model_config(config, tokenizer)
 
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+REPOSITORY = Path(__file__).resolve().parent.parent
 
 
-def load_example(name: str):
-    """examples/NAME.py as a module, with examples/ importable the way running the script makes it (lora.py
-    imports finetune.py)."""
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
-    spec = importlib.util.spec_from_file_location(f"{name}_example", EXAMPLES / f"{name}.py")
+def load_example(name: str, folder: str = "examples"):
+    """FOLDER/NAME.py as a module (`examples/` for user scripts, `benchmarks/` and `scripts/` for maintainer
+    tools), with its folder importable the way running the script makes it (lora.py imports finetune.py)."""
+    directory = REPOSITORY / folder
+    if not (directory / f"{name}.py").is_file():
+        raise FileNotFoundError(f"no script {folder}/{name}.py in {REPOSITORY}; folder is one of examples, "
+                                f"benchmarks, scripts")
+    if str(directory) not in sys.path:
+        sys.path.insert(0, str(directory))
+    spec = importlib.util.spec_from_file_location(f"{folder}_{name}", directory / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and pickling look their module up by name
     spec.loader.exec_module(module)
     return module

@@ -1,9 +1,9 @@
 """The original ML-Mamba, for conversion tests: synthetic sources in the released formats and a reference forward.
 
-`synthetic_checkpoint` builds random tensors under exactly the key names of SPEC §2; `reference_logits` is the
-math of SPEC §1 in plain PyTorch on those original names (sequential scans, explicit forward/backward averaging),
-written independently of the package; `tiny_timm_towers` builds timm's own DINOv2-reg4 and SigLIP architectures at
-tiny widths. Nothing here imports the package's modeling code.
+`synthetic_checkpoint` builds random tensors under exactly the key names of the released `latest-checkpoint.pt`;
+`reference_logits` is the released model's math in plain PyTorch on those original names (sequential scans,
+explicit forward/backward averaging), written independently of the package; `tiny_timm_towers` builds timm's own
+DINOv2-reg4 and SigLIP architectures at tiny widths. Nothing here imports the package's modeling code.
 """
 
 import copy
@@ -75,7 +75,8 @@ def timm_dino_from_file(config, path):
 
 
 def synthetic_checkpoint(config, seed: int = 0) -> dict:
-    """`{"model": {...}}` with the four sub-state-dicts of SPEC §2, random tensors shaped for `config`."""
+    """`{"model": {...}}` with the checkpoint's four sub-state-dicts (`mlp`, `bidirectional_mamba`, `projector`,
+    `llm_backbone`), random tensors shaped for `config`."""
     generator = torch.Generator().manual_seed(seed)
 
     def linear(out_features, in_features):

@@ -1,4 +1,5 @@
-"""The training benchmark's arithmetic and its run on a CPU: the GPU numbers in docs/benchmarks.md come from it."""
+"""benchmarks/benchmark_training.py: its FLOP arithmetic, and its run end to end at toy size on a CPU (the GPU numbers in
+docs/benchmarks.md come from it)."""
 
 import json
 
@@ -14,7 +15,7 @@ TEXT_TOKENS = 200
 
 @pytest.fixture(scope="module")
 def benchmark():
-    return load_example("benchmark_training")
+    return load_example("benchmark_training", "benchmarks")
 
 
 @pytest.mark.parametrize("lm_width", [64, 256])

@@ -1,5 +1,6 @@
 """Multi-process training: `examples/finetune.py` under `torch.distributed.run` trains exactly like one process with
-the same global batch, and the accelerate configs in `examples/accelerate/` load and shard the model's blocks.
+the same global batch, the accelerate configs in `examples/accelerate/` load and shard the model's blocks, and
+`benchmarks/check_distributed_training.py` (which compares those launches on GPUs) runs end to end on CPU processes.
 
 The two-process run uses the gloo backend on CPU, so it needs no GPU. Trainer gives rank r the r-th half of each
 global batch of the seeded sampler, so both runs see the same samples per step. The model's loss takes Trainer's
@@ -19,13 +20,17 @@ import torch.distributed
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import FullyShardedDataParallelPlugin
 from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
-from conftest import tiny_model, tiny_processor
+from conftest import REPOSITORY, load_example, tiny_model, tiny_processor
 from safetensors.torch import load_file
 
-from modeling_mlmamba import MLMambaForConditionalGeneration
-from modeling_mlmamba.shapes_vqa import write_dataset
+from modeling_mlmamba import MLMambaConfig, MLMambaForConditionalGeneration
+from modeling_mlmamba.shapes_vqa import IMAGE_TOKEN_ID, TOKENIZER_VOCAB_SIZE, write_dataset
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = REPOSITORY / "examples"
+GLOO = pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="this torch build has no torch.distributed gloo backend to run two CPU processes",
+)
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +67,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).norm() / expected.norm()).item()
 
 
-@pytest.mark.skipif(
-    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-    reason="this torch build has no torch.distributed gloo backend to run two CPU processes",
-)
+@GLOO
 def test_two_process_training_matches_one_process_with_the_same_global_batch(inputs, tmp_path):
     two, one = tmp_path / "two-processes", tmp_path / "one-process"
     finetune(
@@ -137,3 +139,32 @@ def test_fsdp_config_wraps_every_repeated_block_the_model_names():
         + ["MLMambaConnectorBlock"] * len(model.model.connector.layers)
         + ["Mamba2LMBlock"] * config.text_config.num_hidden_layers
     )
+
+
+@GLOO
+def test_distributed_check_compares_a_ddp_launch_with_one_process(tmp_path, monkeypatch, capsys):
+    """Two steps of examples/finetune.py, once as one process and once under `accelerate launch` with ddp.yaml turned
+    into two CPU processes, on a toy model that fits the shapes-vqa tokenizer (the launches import this checkout)."""
+    monkeypatch.setenv("PYTHONPATH", f"{REPOSITORY}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    config_file = tmp_path / "config.json"
+    MLMambaConfig.tiny(image_token_id=IMAGE_TOKEN_ID, text_config=dict(vocab_size=TOKENIZER_VOCAB_SIZE)).to_json_file(
+        config_file
+    )
+    check = load_example("check_distributed_training", "benchmarks")
+    results = check.main(["--cpu", "--steps", "2", "--launches", "ddp", "--checks", "--config_file", str(config_file),
+                          "--workdir", str(tmp_path / "work"), "--json", str(tmp_path / "check.json")])
+    assert list(results["losses"]) == ["one", "ddp"] and all(len(losses) == 2 for losses in results["losses"].values())
+    assert list(results["differences"]) == ["DDP losses vs 1 GPU, 2 steps", "DDP final folder logits vs 1 GPU"]
+    assert results["passed"] and json.loads((tmp_path / "check.json").read_text()) == results
+    assert "passed: True" in capsys.readouterr().out
+
+
+def test_distributed_check_refuses_a_model_that_does_not_fit_the_tokenizer(tmp_path, capsys):
+    config_file = tmp_path / "config.json"
+    MLMambaConfig.tiny().to_json_file(config_file)
+    check = load_example("check_distributed_training", "benchmarks")
+    with pytest.raises(SystemExit):
+        check.main(["--cpu", "--config_file", str(config_file), "--workdir", str(tmp_path / "work")])
+    assert f"needs image_token_id {IMAGE_TOKEN_ID} (got 127)" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()

@@ -1,6 +1,8 @@
-"""The shapes-vqa generator against SPEC §3: scenes, pixels, questions, splits, scoring, tokenizer and CLI.
+"""The shapes-vqa generator against the task's definition: scenes, pixels, questions, splits, scoring, tokenizer and
+the command line that writes a dataset.
 
-Every rule is checked against geometry and text computed here from the SPEC, not from the generator's helpers.
+Every rule is checked against geometry and text computed here from the definition written out below, not from the
+generator's helpers.
 """
 
 import io
@@ -12,6 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 from transformers import AutoTokenizer
+
+from conftest import load_example
 
 from modeling_mlmamba import shapes_vqa
 from modeling_mlmamba.shapes_vqa import (
@@ -27,7 +31,7 @@ from modeling_mlmamba.shapes_vqa import (
     write_dataset,
 )
 
-# SPEC §3, written out again.
+# The task's definition, written out again: colours, shapes, canvas, answers and the exact question texts.
 RGB = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
 SHAPE_NAMES = ("circle", "square", "triangle")
 WHITE = (255, 255, 255)
@@ -202,7 +206,8 @@ def test_questions_use_the_exact_spec_texts_and_one_word_answers(scenes):
 
 
 def answer_from_geometry(scene, kind: str, match: re.Match) -> str | None:
-    """The SPEC's answer to a question about `scene`, or None when the SPEC forbids asking it."""
+    """The defined answer to a question about `scene`, or None when the definition forbids asking it (a colour
+    that is not unique, centres closer than 16 px on the asked axis, a shape not in the scene)."""
     by_shape = {obj.shape: obj for obj in scene}
     if kind == "color":
         return by_shape[match["a"]].color if match["a"] in by_shape else None
@@ -366,11 +371,16 @@ def test_shapes_config_fits_the_tokenizer(tokenizer):
     assert len(tokenizer) <= settings["text_config"]["vocab_size"]
 
 
-# --- command line -------------------------------------------------------------------------------------------
+# --- command line (scripts/make_shapes_vqa.py) ------------------------------------------------------------------
 
 
-def test_cli_writes_conversations_images_and_tokenizer(tmp_path, capsys):
-    shapes_vqa.main(["--output", str(tmp_path), "--num-images", "3", "--seed", "2", "--max-turns", "2"])
+@pytest.fixture(scope="module")
+def make_shapes_vqa():
+    return load_example("make_shapes_vqa", "scripts")
+
+
+def test_cli_writes_conversations_images_and_tokenizer(make_shapes_vqa, tmp_path, capsys):
+    make_shapes_vqa.main(["--output", str(tmp_path), "--num-images", "3", "--seed", "2", "--max-turns", "2"])
     assert capsys.readouterr().out.strip() == str(tmp_path / "train.json")
     records = json.loads((tmp_path / "train.json").read_text())
     assert len(records) == 3
@@ -379,3 +389,18 @@ def test_cli_writes_conversations_images_and_tokenizer(tmp_path, capsys):
     loaded = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
     assert loaded.get_vocab() == build_tokenizer().get_vocab()
     assert loaded.convert_tokens_to_ids("<image>") == IMAGE_TOKEN_ID and loaded.pad_token_id == 0
+
+
+def test_cli_writes_the_same_data_as_the_library(make_shapes_vqa, tmp_path):
+    make_shapes_vqa.main(["--output", str(tmp_path / "cli"), "--num-images", "3", "--seed", "4", "--split", "test"])
+    write_dataset(tmp_path / "library", num_images=3, seed=4, split="test")
+    assert (tmp_path / "cli" / "test.json").read_text() == (tmp_path / "library" / "test.json").read_text()
+
+
+@pytest.mark.parametrize("flag", ["--num-images", "--max-turns", "--workers"])
+def test_cli_refuses_counts_below_one_before_writing(make_shapes_vqa, tmp_path, capsys, flag):
+    arguments = {"--output": str(tmp_path / "out"), "--num-images": "3", flag: "0"}
+    with pytest.raises(SystemExit):
+        make_shapes_vqa.main([item for pair in arguments.items() for item in pair])
+    assert f"{flag} must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -1,7 +1,7 @@
-"""Training: the collator's labels against the SPEC §1 layout, the stages, the dataset's checks, a few
+"""Training: the collator's labels against the released prompt layout, the stages, the dataset's checks, a few
 `transformers.Trainer` steps and the `examples/finetune.py` command line.
 
-Expected token ids and labels are computed here from the SPEC's text layout, tokenized in one piece with character
+Expected token ids and labels are computed here from the released text layout, tokenized in one piece with character
 offsets, not turn by turn as the collator does.
 """
 
@@ -69,7 +69,7 @@ def llava(turns, image_turn=0) -> list[dict]:
 
 
 def spec_encoding(processor, turns, image_turn=0) -> tuple[list[int], list[int]]:
-    """SPEC §1: `<|user|>\\n{q}<|endoftext|>\\n<|assistant|>\\n{a}<|endoftext|>`, later turns after `\\n`, the
+    """As released: `<|user|>\\n{q}<|endoftext|>\\n<|assistant|>\\n{a}<|endoftext|>`, later turns after `\\n`, the
     image's placeholder positions first in their turn; only each answer and its closing end-of-text supervised."""
     text, supervised = "", []
     for index, (question, answer) in enumerate(turns):

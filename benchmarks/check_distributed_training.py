@@ -4,11 +4,12 @@ with the trained model's logits, and LoRA trains under both configs.
 
 Every run is `examples/finetune.py` or `examples/lora.py`, launched as a user would (`python` or
 `accelerate launch --config_file examples/accelerate/{ddp,fsdp}.yaml`), on shapes-vqa data with the
-`examples/configs/shapes-vqa.json` model (randomly initialised), the same global batch everywhere. Prints each
-comparison as a table row when it is made and rewrites --json after each, so a run cut short keeps what it did.
+`examples/configs/shapes-vqa.json` model (randomly initialised; `--config_file` for another), the same global batch
+everywhere. Prints each comparison as a table row when it is made and rewrites --json after each, so a run cut short
+keeps what it did.
 
-    python examples/check_distributed_training.py --json distributed.json          # needs 2 GPUs
-    python examples/check_distributed_training.py --cpu --steps 4 --json cpu.json  # same runs on CPU processes
+    python benchmarks/check_distributed_training.py --json distributed.json          # needs 2 GPUs
+    python benchmarks/check_distributed_training.py --cpu --steps 4 --json cpu.json  # same runs on CPU processes
 """
 
 import argparse
@@ -23,9 +24,11 @@ import torch
 from transformers import AutoTokenizer
 
 from modeling_mlmamba import MLMambaConfig, MLMambaForConditionalGeneration, MLMambaProcessor
-from modeling_mlmamba.shapes_vqa import build_tokenizer, render, sample_scenes, write_dataset
+from modeling_mlmamba.shapes_vqa import (
+    IMAGE_TOKEN_ID, TOKENIZER_VOCAB_SIZE, build_tokenizer, render, sample_scenes, write_dataset,
+)
 
-EXAMPLES = Path(__file__).resolve().parent
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 GLOBAL_BATCH = 16
 # bf16 autocast rounds each matmul input to 8 significant bits; runs that split the batch differently reduce in
 # another order, so their losses agree to about this much, not bit for bit.
@@ -67,7 +70,8 @@ def run(script: str, launch: list[str], output_dir: Path, inputs: Path, steps: i
 
 
 def max_relative_difference(losses: list[float], reference: list[float]) -> float:
-    assert len(losses) == len(reference), (losses, reference)
+    if len(losses) != len(reference):
+        raise ValueError(f"loss curves of different lengths cannot be compared: {losses} against {reference}")
     return max(abs(a - b) / abs(b) for a, b in zip(losses, reference))
 
 
@@ -87,18 +91,34 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cpu", action="store_true", help="run the same launches as CPU processes (gloo)")
+    parser.add_argument("--launches", nargs="+", choices=("ddp", "fsdp"), default=["ddp", "fsdp"],
+                        help="the accelerate configs whose runs are compared with one process")
     parser.add_argument("--checks", nargs="*", choices=("resume", "lora"), default=["resume", "lora"],
-                        help="besides DDP and FSDP against one GPU: FSDP resume, LoRA under both configs")
+                        help="besides the launches against one process: FSDP resumed from its checkpoint, LoRA under "
+                             "each launch")
+    parser.add_argument("--config_file", type=Path, default=EXAMPLES / "configs" / "shapes-vqa.json",
+                        help="the MLMambaConfig JSON of the model to train; its image_token_id and vocabulary must fit "
+                             "the shapes-vqa tokenizer")
+    parser.add_argument("--workdir", type=Path, help="folder for the data, model and runs (default: a new temporary "
+                                                     "folder, kept for inspection)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
-    assert args.steps % 2 == 0, "--steps must be even: FSDP checkpoints at half-way and resumes from there"
+    if args.steps < 2 or args.steps % 2:
+        parser.error(f"--steps must be even and at least 2 (FSDP checkpoints half-way and resumes from there), "
+                     f"got {args.steps}")
+    if "resume" in args.checks and "fsdp" not in args.launches:
+        parser.error("--checks resume resumes the FSDP run from its sharded checkpoint: add fsdp to --launches")
+    config = MLMambaConfig.from_json_file(args.config_file)
+    if config.image_token_id != IMAGE_TOKEN_ID or config.text_config.vocab_size < TOKENIZER_VOCAB_SIZE:
+        parser.error(f"--config_file {args.config_file} does not fit the shapes-vqa tokenizer: it needs image_token_id "
+                     f"{IMAGE_TOKEN_ID} (got {config.image_token_id}) and a vocab_size of at least "
+                     f"{TOKENIZER_VOCAB_SIZE} (got {config.text_config.vocab_size})")
 
-    workdir = Path(tempfile.mkdtemp(prefix="distributed-check-"))
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="distributed-check-"))
     inputs = workdir / "inputs"
     write_dataset(inputs / "data", num_images=GLOBAL_BATCH * args.steps, seed=0, workers=4)
     tokenizer_folder = inputs / "tokenizer"
     build_tokenizer().save_pretrained(tokenizer_folder)
-    config = MLMambaConfig.from_json_file(EXAMPLES / "configs" / "shapes-vqa.json")
     torch.manual_seed(0)
     MLMambaForConditionalGeneration(config).save_pretrained(inputs / "model")
     MLMambaProcessor.from_model_config(config, AutoTokenizer.from_pretrained(tokenizer_folder)).save_pretrained(
@@ -125,8 +145,8 @@ def main(argv=None) -> dict:
 
     print("| compared (max relative difference) | value |\n|---|---|", flush=True)
     one = train("one", "finetune.py", None, "--stage", "finetune", "--save_strategy", "no")
-    for name, config_name in (("ddp", "ddp.yaml"), ("fsdp", "fsdp.yaml")):
-        losses = train(name, "finetune.py", config_name, "--stage", "finetune", "--save_strategy", "steps",
+    for name in args.launches:
+        losses = train(name, "finetune.py", f"{name}.yaml", "--stage", "finetune", "--save_strategy", "steps",
                        "--save_steps", str(half))
         record(f"{name.upper()} losses vs 1 GPU, {args.steps} steps", max_relative_difference(losses, one))
 
@@ -137,7 +157,7 @@ def main(argv=None) -> dict:
     batch = dict(processor(images=[render(scene)], text=prompt, return_tensors="pt"))
     reference = logits_of(workdir / "one", batch)
     results["final_logits_change_from_start"] = relative_difference(reference, logits_of(inputs / "model", batch))
-    for name in ("ddp", "fsdp"):
+    for name in args.launches:
         record(f"{name.upper()} final folder logits vs 1 GPU", relative_difference(logits_of(workdir / name, batch),
                                                                                    reference))
 
@@ -149,9 +169,9 @@ def main(argv=None) -> dict:
     if "lora" in args.checks:
         lora = ["--lora_rank", "8", "--lora_dropout", "0", "--save_strategy", "no"]
         lora_one = train("lora-one", "lora.py", None, *lora)
-        for name, config_name in (("ddp", "ddp.yaml"), ("fsdp", "fsdp.yaml")):
+        for name in args.launches:
             record(f"LoRA {name.upper()} losses vs 1 GPU", max_relative_difference(
-                train(f"lora-{name}", "lora.py", config_name, *lora), lora_one
+                train(f"lora-{name}", "lora.py", f"{name}.yaml", *lora), lora_one
             ))
     print(f"passed: {results['passed']} (tolerance {BF16_TOLERANCE}; training moved the logits by "
           f"{results['final_logits_change_from_start']:.2f})")

@@ -1,6 +1,6 @@
 """Score a shapes-vqa model on the held-out split and write it as the package's embedded default model.
 
-    python examples/export_default_model.py runs/shapes --output modeling_mlmamba/default_model
+    python scripts/export_default_model.py runs/shapes --output modeling_mlmamba/default_model
 
 The folder gets the weights, processor, tokenizer and a model card with the per-question-type accuracy, but no
 copy of the model code: the package it ships in provides the classes.

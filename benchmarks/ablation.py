@@ -6,8 +6,8 @@ each run takes the vision towers and the LM of a trained shapes-vqa model (`--ba
 model), gives it a freshly initialised connector and projector of the variant, and trains only those (the `align`
 stage) with `examples/finetune.py`.
 
-    python -m modeling_mlmamba.shapes_vqa --output data/shapes --num-images 30000 --seed 0
-    python examples/ablation.py --data data/shapes --base modeling_mlmamba/default_model --output runs/ablation \\
+    python scripts/make_shapes_vqa.py --output data/shapes --num-images 30000 --seed 0
+    python benchmarks/ablation.py --data data/shapes --base modeling_mlmamba/default_model --output runs/ablation \\
         --seeds 0 1 2 -- --max_steps 1200 --per_device_train_batch_size 32 --learning_rate 1e-3
 
 Everything after `--` goes to `examples/finetune.py` unchanged, for every run. Prints a Markdown table of
@@ -28,7 +28,7 @@ import torch
 from modeling_mlmamba import MLMambaConfig, MLMambaForConditionalGeneration, MLMambaProcessor
 from modeling_mlmamba.shapes_vqa import EVAL_IMAGES, EVAL_SEED, QUESTION_TYPES, evaluate
 
-FINETUNE = Path(__file__).resolve().parent / "finetune.py"
+FINETUNE = Path(__file__).resolve().parent.parent / "examples" / "finetune.py"
 VARIANTS = {
     "mlp": {"connector_type": "mlp"},
     "msc-bidirectional": {"connector_type": "msc", "connector_scan": "bidirectional"},
@@ -73,6 +73,8 @@ def score(run_folder: Path, num_images: int, device: str) -> dict[str, float]:
 
 
 def markdown_table(results: dict[str, dict[int, dict[str, float]]]) -> str:
+    """Mean ± spread over seeds per question type and of the per-seed means; `n/a` for a type that no run's held-out
+    questions contained (a few scenes need not ask every kind)."""
     columns = [*QUESTION_TYPES, "mean"]
     lines = ["| connector | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for variant, by_seed in results.items():
@@ -80,8 +82,11 @@ def markdown_table(results: dict[str, dict[int, dict[str, float]]]) -> str:
         for column in columns:
             values = [
                 100 * (statistics.mean(scores.values()) if column == "mean" else scores[column])
-                for scores in by_seed.values()
+                for scores in by_seed.values() if column == "mean" or column in scores
             ]
+            if not values:
+                cells.append("n/a")
+                continue
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f"{statistics.mean(values):.1f} ± {spread:.1f}")
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
@@ -92,7 +97,7 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     own, finetune_args = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, required=True, help="folder written by modeling_mlmamba.shapes_vqa")
+    parser.add_argument("--data", type=Path, required=True, help="folder written by scripts/make_shapes_vqa.py")
     parser.add_argument("--base", type=Path, required=True, help="trained shapes-vqa model: towers and LM to keep")
     parser.add_argument("--output", type=Path, required=True, help="folder for the runs, logs and results.json")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -103,7 +108,7 @@ def main(argv=None) -> None:
                         "mostly idle); with several GPUs visible, runs go to them in turn")
     args = parser.parse_args(own)
     if not (args.data / "train.json").is_file():
-        parser.error(f"{args.data} has no train.json; write it with `python -m modeling_mlmamba.shapes_vqa`")
+        parser.error(f"{args.data} has no train.json; write it with `python scripts/make_shapes_vqa.py`")
     if not (args.base / "config.json").is_file():
         parser.error(f"--base {args.base} is not a saved model folder (no config.json)")
     args.output.mkdir(parents=True, exist_ok=True)

@@ -6,10 +6,10 @@ tokens + 1319 text tokens. Times `--steps` optimizer steps after `--warmup` step
 peak memory per GPU and model-FLOPs utilisation; it also checks, on every rank, what FSDP must preserve: frozen
 parameters get no gradient and no optimizer state, and the LM head stays tied to the embeddings.
 
-    python examples/benchmark_training.py --json one-gpu.json
-    accelerate launch --config_file examples/accelerate/ddp.yaml examples/benchmark_training.py --json ddp.json
+    python benchmarks/benchmark_training.py --json one-gpu.json
+    accelerate launch --config_file examples/accelerate/ddp.yaml benchmarks/benchmark_training.py --json ddp.json
     accelerate launch --config_file examples/accelerate/fsdp.yaml --fsdp_activation_checkpointing true \\
-        examples/benchmark_training.py --json fsdp.json
+        benchmarks/benchmark_training.py --json fsdp.json
 
 `--checkpoint_every_n_layers 2` checkpoints every second block only (transformers' `every_n_layers`, which
 `TrainingArguments(gradient_checkpointing_kwargs={"every_n_layers": 2})` sets for any Trainer run): memory that full
