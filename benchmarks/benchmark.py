@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 import transformers
+from transformers import DynamicCache
 
 from modeling_mlmamba import MLMambaConfig, MLMambaForConditionalGeneration
 
@@ -320,7 +321,7 @@ def bench_llava(sizes, tiny, device, results):
 def decode_graph(model, ids, pixels):
     """The decode graph `generate()` uses for this batch size, bound to a cache that holds the prompt (captured on
     CUDA; elsewhere the same step runs eagerly), taken from the model's `GenerationGraphs`."""
-    cache = model.new_cache()
+    cache = DynamicCache(config=model.config.text_config)
     with torch.no_grad():
         model(input_ids=ids, pixel_values=pixels, cache=cache, use_cache=True, logits_to_keep=1)
         model.cuda_graphs.decode(model, ids[:, -1:], cache)
@@ -356,7 +357,7 @@ def profile(config, sizes, device, results):
     token = ids[:, -1:]
     with torch.no_grad():
         with torch.profiler.profile(activities=activities[-1:]) as prof:
-            model.decode_step(token[:, 0], graph.states)
+            graph.call.fn(token[:, 0])  # the captured step, run op by op
             synchronize(device)
         results["profile_decode_step_kernels"] = prof.key_averages().table(sort_by=by_device_time, row_limit=12)
         replay_s, _ = timed(lambda: [graph.step(token) for _ in range(sizes.replays)], device, 3)
