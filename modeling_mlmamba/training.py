@@ -62,7 +62,7 @@ class LlavaConversationDataset(torch.utils.data.Dataset):
 
     def __init__(self, data_file: str | Path, image_folder: str | Path | None = None, skip_bad_samples: bool = False):
         data_file = Path(data_file)
-        records = read_records(data_file)
+        records = _read_records(data_file)
         self.image_folder = Path(image_folder) if image_folder is not None else data_file.parent
         if not self.image_folder.is_dir():
             raise FileNotFoundError(
@@ -91,7 +91,7 @@ class LlavaConversationDataset(torch.utils.data.Dataset):
         return {"image": image, "conversations": record["conversations"], "index": self.indices[index]}
 
 
-def read_records(data_file: Path) -> list:
+def _read_records(data_file: Path) -> list:
     """The JSON list of a data file, or an error that says what is wrong with the file as a whole."""
     if not data_file.is_file():
         raise FileNotFoundError(f"training data file {data_file} does not exist")
@@ -140,6 +140,7 @@ FIXES = {
     "image too large": "downscale the file, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust it",
 }
 REPORTED_SAMPLES = 5
+IMAGES_PER_TASK = 256
 
 
 def find_bad_samples(records: list, image_folder: Path, max_workers: int | None = None) -> list[BadSample]:
@@ -152,16 +153,22 @@ def find_bad_samples(records: list, image_folder: Path, max_workers: int | None 
             bad.append(BadSample(index, _image_name(record), *problem))
         elif "image" in record:
             images.setdefault(record["image"], []).append(index)
-    names = list(images)
     folder = Path(os.path.normpath(image_folder.absolute()))
+    names = list(images)
+    # A few hundred files per task: a task per file costs about as much time and memory as checking a small file.
+    chunks = [names[start : start + IMAGES_PER_TASK] for start in range(0, len(names), IMAGES_PER_TASK)]
     with warnings.catch_warnings(), ThreadPoolExecutor(max_workers) as pool:
         # Oversized images are reported below; PIL's own warning about them would only repeat it.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        problems = pool.map(_image_problem, names, [folder] * len(names))
-        for name, problem in zip(names, problems):
-            if problem is not None:
-                bad += [BadSample(index, name, *problem) for index in images[name]]
+        for chunk, problems in zip(chunks, pool.map(_image_problems, chunks, [folder] * len(chunks))):
+            for name, problem in zip(chunk, problems):
+                if problem is not None:
+                    bad += [BadSample(index, name, *problem) for index in images[name]]
     return sorted(bad, key=lambda sample: sample.index)
+
+
+def _image_problems(names: list[str], folder: Path) -> list[tuple[str, str] | None]:
+    return [_image_problem(name, folder) for name in names]
 
 
 def _image_name(record) -> str | None:
@@ -211,7 +218,7 @@ def _image_problem(name: str, folder: Path) -> tuple[str, str] | None:
             to_rgb_image(image)
     except Image.DecompressionBombError as error:
         return "image too large", f"{error} (PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS})"
-    except (OSError, SyntaxError, ValueError, TypeError) as error:
+    except Exception as error:  # what PIL raises for a broken file varies: OSError, SyntaxError, EOFError, ...
         return "unreadable image", f"{type(error).__name__}: {error}"
     return None
 
@@ -326,5 +333,5 @@ class MLMambaDataCollator:
 
 __all__ = [
     "BadSample", "LlavaConversationDataset", "MLMambaDataCollator", "TRAINING_STAGES", "conversation_to_messages",
-    "find_bad_samples", "read_records", "set_training_stage",
+    "find_bad_samples", "set_training_stage",
 ]

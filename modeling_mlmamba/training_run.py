@@ -56,7 +56,9 @@ class ModelArguments:
         default=None, metadata={"help": 'With --config_file: a JSON object of config fields merged into the file\'s, '
                                         'e.g. {"connector_type": "mlp"} or {"text_config": {"num_hidden_layers": 4}}.'}
     )
-    tokenizer: str | None = field(default=None, metadata={"help": "With --config_file: the tokenizer folder or Hub id."})
+    tokenizer: str | None = field(
+        default=None, metadata={"help": "With --config_file: the tokenizer folder or Hub id."}
+    )
     stage: str = field(
         default="finetune", metadata={"help": "What trains: align (connector + projector), finetune (+ LM), full "
                                               "(+ vision towers).", "choices": sorted(TRAINING_STAGES)}
@@ -74,6 +76,10 @@ class DataArguments:
         default=False, metadata={"help": "Leave out samples that cannot be trained on (bad turns or text, missing, "
                                          "corrupt or oversized images) and log them, instead of stopping."}
     )
+
+    def __post_init__(self):
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"--max_length must be a positive number of tokens, got {self.max_length}")
 
 
 def prepare_training(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments):
@@ -175,11 +181,14 @@ def check_same_config(checkpoint: str | Path, model) -> None:
     differently across transformers versions, initialisation and runtime switches, provenance fields.
     """
     checkpoint = Path(checkpoint)
-    differences = _adapter_differences(checkpoint, model) if isinstance(model, PeftModel) else \
-        _model_differences(checkpoint, model.config)
+    if isinstance(model, PeftModel):
+        differences = _adapter_differences(checkpoint, model)
+    else:
+        differences = _model_differences(checkpoint, model.config)
     if differences:
         listed = "; ".join(differences[:REPORTED_DIFFERENCES])
-        more = f"; and {len(differences) - REPORTED_DIFFERENCES} more" if len(differences) > REPORTED_DIFFERENCES else ""
+        unlisted = len(differences) - REPORTED_DIFFERENCES
+        more = f"; and {unlisted} more" if unlisted > 0 else ""
         raise ValueError(
             f"cannot resume from {checkpoint}: it holds another model ({listed}{more}); start from the same "
             "--model_name_or_path / --config_file (and LoRA flags) as the run that wrote it, or drop "
@@ -214,10 +223,10 @@ def _comparable(value):
 
 def _model_differences(checkpoint: Path, config: MLMambaConfig) -> list[str]:
     if not (checkpoint / "config.json").is_file():
-        kind = " (it holds a LoRA adapter: resume it with examples/lora.py)" if (
-            checkpoint / "adapter_config.json").is_file() else ""
+        adapter = (checkpoint / "adapter_config.json").is_file()
+        hint = " (it holds a LoRA adapter: resume it with examples/lora.py)" if adapter else ""
         raise FileNotFoundError(f"--resume_from_checkpoint {checkpoint} has no config.json, so it is not a checkpoint "
-                                f"of an ML-Mamba model{kind}; pass a checkpoint-* folder of a run of this script")
+                                f"of an ML-Mamba model{hint}; pass a checkpoint-* folder of a run of this script")
     saved = MLMambaConfig.from_pretrained(checkpoint)
     differences = _field_differences(config_architecture(saved), config_architecture(config))
     # Equal fields give equal shapes wherever a config declares its fields; the shapes also cover one that does not.

@@ -74,8 +74,9 @@ def llava(turns, image_turn=0) -> list[dict]:
 
 
 def spec_encoding(processor, turns, image_turn=0) -> tuple[list[int], list[int]]:
-    """The released layout: `<|user|>\\n{q}<|endoftext|>\\n<|assistant|>\\n{a}<|endoftext|>`, later turns after `\\n`, the
-    image's placeholder positions first in their turn; only each answer and its closing end-of-text supervised."""
+    """The released layout: `<|user|>\\n{q}<|endoftext|>\\n<|assistant|>\\n{a}<|endoftext|>`, later turns after
+    `\\n`, the image's placeholder positions first in their turn; only each answer and its closing end-of-text
+    supervised."""
     text, supervised = "", []
     for index, (question, answer) in enumerate(turns):
         text += "\n" if index else ""
@@ -388,6 +389,12 @@ def test_dataset_reads_samples_with_and_without_images(tmp_path, images):
     assert LlavaConversationDataset(moved, image_folder=tmp_path)[0]["image"].size == (128, 128)
 
 
+def test_dataset_image_folder_that_does_not_exist_raises(tmp_path):
+    data = write_json(tmp_path / "data.json", [good_record()])
+    with pytest.raises(FileNotFoundError, match="image_folder .*elsewhere is not a folder"):
+        LlavaConversationDataset(data, image_folder=tmp_path / "elsewhere")
+
+
 def test_dataset_missing_data_file_raises(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.json does not exist"):
         LlavaConversationDataset(tmp_path / "nowhere.json")
@@ -560,7 +567,8 @@ def test_dataset_skip_bad_samples_trains_on_the_rest_and_reports_them(tmp_path, 
     assert len(dataset) == 3 and [dataset[i]["index"] for i in range(3)] == [0, 2, 5]
     assert [dataset[i]["image"] is None for i in range(3)] == [False, False, True]
     assert [(bad.index, bad.image, bad.problem) for bad in dataset.skipped] == [
-        (1, "truncated.png", "unreadable image"), (3, "missing.png", "missing image"), (4, "text.png", "unreadable image")
+        (1, "truncated.png", "unreadable image"), (3, "missing.png", "missing image"),
+        (4, "text.png", "unreadable image"),
     ]
     assert problems["truncated.png"].split(": ", 1)[1] in dataset.skipped[0].detail
     [warning] = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
@@ -575,9 +583,13 @@ def test_dataset_skip_bad_samples_still_raises_when_no_sample_is_left(tmp_path):
 
 def test_dataset_checks_each_image_file_once(tmp_path, images, monkeypatch):
     images[0].save(tmp_path / "a.png")
-    opened = []
-    original = Image.open
-    monkeypatch.setattr(Image, "open", lambda path, *args, **kwargs: opened.append(Path(path).name) or original(path, *args, **kwargs))
+    opened, original = [], Image.open
+
+    def recording_open(path, *args, **kwargs):
+        opened.append(Path(path).name)
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", recording_open)
     LlavaConversationDataset(write_json(tmp_path / "data.json", [good_record()] * 5))
     assert opened == ["a.png"]
 

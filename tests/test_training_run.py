@@ -9,12 +9,13 @@ import torch
 from conftest import tiny_model, tiny_processor, tiny_tokenizer
 from peft import get_peft_model
 from PIL import Image
-from transformers import TrainingArguments
+from transformers import HfArgumentParser, TrainingArguments
 
 from modeling_mlmamba import MLMambaConfig, MLMambaForConditionalGeneration, MLMambaProcessor
 from modeling_mlmamba import training_run
 from modeling_mlmamba.lora import lora_config
 from modeling_mlmamba.training_run import (
+    DataArguments,
     ModelArguments,
     apply_config_overrides,
     build_model_and_processor,
@@ -334,3 +335,10 @@ def test_train_checks_the_checkpoint_before_building_a_trainer(tmp_path, monkeyp
         train(tiny_model(), tiny_processor(), color_samples(), arguments(tmp_path / "out"),
               checkpoint=str(tmp_path / "other"))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("max_length", ["0", "-5"])
+def test_max_length_that_is_not_positive_fails_at_argument_parsing(max_length):
+    parser = HfArgumentParser((DataArguments,))
+    with pytest.raises(ValueError, match=f"--max_length must be a positive number of tokens, got {max_length}"):
+        parser.parse_args_into_dataclasses(args=["--data_file", "data.json", "--max_length", max_length])
