@@ -9,7 +9,11 @@ in training, prefill and decode steps (the batch-1 decode kernel in `gemv.py` ta
 a peft-wrapped projection is never bypassed.
 """
 
+from pathlib import Path
+
 from peft import LoraConfig
+
+from .model_card import write_model_card
 
 # Module names under `MLMambaForConditionalGeneration` ("model.language_model...") or `MLMambaModel`
 # ("language_model..."). Scoped to the language model on purpose: a bare `out_proj` also names SigLIP's attention
@@ -37,4 +41,14 @@ def lora_config(rank: int = 16, alpha: float = 32, dropout: float = 0.05) -> Lor
     )
 
 
-__all__ = ["FULLY_TRAINED_MODULES", "LANGUAGE_MODEL_PROJECTIONS", "lora_config"]
+def save_merged_model(peft_model, processor, folder: str | Path, base_model: str | None, description: str):
+    """Fold the adapters into the projections and save a plain ML-Mamba folder with its processor and model card,
+    which loads without peft; returns the merged model. `peft_model` is left without adapters."""
+    merged = peft_model.merge_and_unload()
+    merged.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    write_model_card(folder, merged.config, base_model=base_model, description=description)
+    return merged
+
+
+__all__ = ["FULLY_TRAINED_MODULES", "LANGUAGE_MODEL_PROJECTIONS", "lora_config", "save_merged_model"]

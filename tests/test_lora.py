@@ -12,7 +12,7 @@ from peft import PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from PIL import Image
 
-from modeling_mlmamba import MLMambaConfig, MLMambaForConditionalGeneration, MLMambaProcessor
+from modeling_mlmamba import MLMambaConfig, MLMambaForConditionalGeneration, MLMambaProcessor, training_run
 from modeling_mlmamba.lora import LANGUAGE_MODEL_PROJECTIONS, lora_config
 from modeling_mlmamba.training import MLMambaDataCollator
 
@@ -186,8 +186,7 @@ def write_training_folder(folder: Path) -> list[str]:
         records.append({"image": f"{color}.png", "conversations": conversation(color)})
     (folder / "train.json").write_text(json.dumps(records))
     config = MLMambaConfig.tiny()
-    # Not `to_json_file`: it writes Mamba-2's infinite `time_step_limit` as {"__float__": "Infinity"}, which only
-    # transformers' own reader decodes, and finetune.py reads the file with `json.loads`.
+    # Not `to_json_file`, so that a plain JSON config file (as hand-written ones are) is covered too.
     (folder / "config.json").write_text(json.dumps(config.to_diff_dict()))
     tiny_tokenizer(config.text_config.vocab_size, config.image_token_id).save_pretrained(folder / "tokenizer")
     return ["--config_file", str(folder / "config.json"), "--tokenizer", str(folder / "tokenizer"),
@@ -215,3 +214,39 @@ def test_lora_example_saves_adapter_processor_and_loadable_merged_model(lora_exa
 def test_lora_example_refuses_other_training_stages(lora_example, tmp_path):
     with pytest.raises(ValueError, match="--stage align does not apply to LoRA"):
         lora_example.main(["--stage", "align", "--data_file", "unused.json", "--output_dir", str(tmp_path)])
+
+
+def lora_example_args(tmp_path: Path, *extra: str) -> list[str]:
+    return [*write_training_folder(tmp_path), "--output_dir", str(tmp_path / "run"), "--lora_rank", "4",
+            "--per_device_train_batch_size", "2", "--report_to", "none", "--disable_tqdm", "true", *extra]
+
+
+def test_lora_example_resumes_from_its_last_checkpoint_with_resume_true(lora_example, tmp_path):
+    """`--resume_from_checkpoint True` means the output folder's last checkpoint, not a folder named "True". The
+    resumed run has another learning rate: from scratch, its second step would log another loss."""
+    first = lora_example.main(lora_example_args(tmp_path, "--max_steps", "2", "--save_steps", "2",
+                                                "--logging_steps", "1"))
+    resumed = lora_example.main(lora_example_args(tmp_path, "--max_steps", "3", "--save_strategy", "no",
+                                                  "--logging_steps", "1", "--learning_rate", "0.05",
+                                                  "--resume_from_checkpoint", "True"))
+    assert resumed.state.global_step == 3
+
+    def losses(trainer):
+        return [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
+
+    assert losses(resumed)[:2] == losses(first) and [step for step, _ in losses(resumed)] == [1, 2, 3]
+
+
+def test_lora_example_refuses_a_checkpoint_of_another_rank_before_any_step(lora_example, tmp_path, monkeypatch):
+    lora_example.main(lora_example_args(tmp_path, "--max_steps", "1", "--save_steps", "1"))
+
+    class NoTrainer:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("a Trainer was built: the error must come before any training")
+
+    monkeypatch.setattr(training_run, "Trainer", NoTrainer)
+    args = lora_example_args(tmp_path, "--max_steps", "2", "--resume_from_checkpoint", "True")
+    args[args.index("--lora_rank") + 1] = "8"
+    with pytest.raises(ValueError, match="cannot resume from .*checkpoint-1: it holds another model \\(r: 4 in the "
+                                         "checkpoint, 8 now"):
+        lora_example.main(args)

@@ -1,19 +1,23 @@
-"""Training: the collator's labels against the released prompt layout, the stages, the dataset's checks, a few
-`transformers.Trainer` steps and the `examples/finetune.py` command line.
+"""Training: the collator's labels against the released chat layout, the stages, the dataset's start-up checks, a
+few `transformers.Trainer` steps and the `examples/finetune.py` command line (the `Trainer` run itself is
+tested in test_training_run.py).
 
 Expected token ids and labels are computed here from the released text layout, tokenized in one piece with character
 offsets, not turn by turn as the collator does.
 """
 
+import io
 import json
 import logging
 import math
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import load_example, tiny_model, tiny_processor, tiny_tokenizer
+from PIL import Image
 from transformers import Trainer, TrainingArguments
 
 from modeling_mlmamba import MLMambaConfig, MLMambaForConditionalGeneration, MLMambaModel, MLMambaProcessor
@@ -26,6 +30,7 @@ from modeling_mlmamba.shapes_vqa import (
     scene_questions,
     write_dataset,
 )
+from modeling_mlmamba import training_run
 from modeling_mlmamba.training import LlavaConversationDataset, MLMambaDataCollator, set_training_stage
 
 IGNORE = -100
@@ -69,8 +74,9 @@ def llava(turns, image_turn=0) -> list[dict]:
 
 
 def spec_encoding(processor, turns, image_turn=0) -> tuple[list[int], list[int]]:
-    """As released: `<|user|>\\n{q}<|endoftext|>\\n<|assistant|>\\n{a}<|endoftext|>`, later turns after `\\n`, the
-    image's placeholder positions first in their turn; only each answer and its closing end-of-text supervised."""
+    """The released layout: `<|user|>\\n{q}<|endoftext|>\\n<|assistant|>\\n{a}<|endoftext|>`, later turns after
+    `\\n`, the image's placeholder positions first in their turn; only each answer and its closing end-of-text
+    supervised."""
     text, supervised = "", []
     for index, (question, answer) in enumerate(turns):
         text += "\n" if index else ""
@@ -261,6 +267,54 @@ def test_cut_inside_a_leading_image_keeps_a_trainable_text_sample(processor, ima
     assert logits.shape[:2] == batch["input_ids"].shape and torch.isfinite(logits).all()
 
 
+def test_cut_never_splits_an_image_placeholder_block(processor, images):
+    """At every max_length a sample keeps all its image's placeholders and the image, or none and no image, and
+    its text is the uncut text's start."""
+    turns = [("Is there a circle in the image?", "yes"), ("What color is the circle?", "green")]
+    with_image, image_labels = spec_encoding(processor, turns, image_turn=1)
+    text_ids, text_labels = spec_encoding(processor, turns, image_turn=None)
+    sample = {"image": images[0], "conversations": llava(turns, image_turn=1)}
+    for max_length in range(1, len(with_image) + 1):
+        batch = MLMambaDataCollator(processor, max_length=max_length)([sample])
+        ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+        if "pixel_values" in batch:
+            assert ids.count(IMAGE_TOKEN_ID) == processor.image_seq_length, max_length
+            assert (ids, labels) == (with_image[:max_length], image_labels[:max_length])
+        else:
+            assert IMAGE_TOKEN_ID not in ids, max_length
+            assert (ids, labels) == (text_ids[: len(ids)], text_labels[: len(ids)]) and len(ids) <= max_length
+    assert "pixel_values" in MLMambaDataCollator(processor, max_length=len(with_image) - 1)([sample])
+
+
+def test_sample_whose_answers_are_all_cut_away_is_reported_by_its_index(processor, caplog):
+    turns = [("Is there a square in the image? How many objects are there?", "yes")]
+    ids, labels = spec_encoding(processor, turns, image_turn=None)
+    first_answer = next(position for position, label in enumerate(labels) if label != IGNORE)
+    sample = {"image": None, "conversations": llava(turns, None), "index": 41}
+    with caplog.at_level(logging.WARNING, logger="modeling_mlmamba.training"):
+        batch = MLMambaDataCollator(processor, max_length=first_answer)([sample])
+    assert batch["labels"].eq(IGNORE).all()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"training sample 41 keeps no answer token after the cut to max_length={first_answer}: it trains on " \
+           "nothing; raise max_length or shorten the sample's first question" in warnings
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="modeling_mlmamba.training"):
+        MLMambaDataCollator(processor, max_length=first_answer + 1)([sample])
+    assert not any("keeps no answer token" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("max_length", [0, -3, 2.5])
+def test_collator_rejects_a_max_length_that_is_not_a_positive_integer(processor, max_length):
+    with pytest.raises(ValueError, match=f"max_length must be a positive number of tokens .*got {max_length}"):
+        MLMambaDataCollator(processor, max_length=max_length)
+
+
+def test_placeholder_in_an_answer_raises_instead_of_dropping_the_image(processor, images):
+    conversations = [{"from": "human", "value": "What color is it?"}, {"from": "gpt", "value": "<image> red"}]
+    with pytest.raises(ValueError, match="turn 1 is an answer \\(gpt\\) holding <image>; put it in a human turn"):
+        MLMambaDataCollator(processor)([{"image": images[0], "conversations": conversations}])
+
+
 # --- training stages ----------------------------------------------------------------------------------------
 
 STAGE_PREFIXES = {
@@ -316,7 +370,7 @@ def write_json(path: Path, records) -> Path:
 
 
 def good_record(image="a.png"):
-    record = {"conversations": llava([("What color is the circle?", "red")])}
+    record = {"conversations": llava([("What color is the circle?", "red")], image_turn=0 if image else None)}
     return {"image": image, **record} if image else record
 
 
@@ -324,15 +378,21 @@ def test_dataset_reads_samples_with_and_without_images(tmp_path, images):
     images[0].save(tmp_path / "a.png")
     data = write_json(tmp_path / "data.json", [good_record(), good_record(image=None)])
     dataset = LlavaConversationDataset(data)
-    assert len(dataset) == 2
+    assert len(dataset) == 2 and dataset.skipped == []
     first, second = dataset[0], dataset[1]
     assert first["image"].mode == "RGB" and first["image"].size == (128, 128)
-    assert first["conversations"] == good_record()["conversations"]
-    assert second["image"] is None
+    assert first["conversations"] == good_record()["conversations"] and first["index"] == 0
+    assert second["image"] is None and second["index"] == 1
     elsewhere = tmp_path / "json"
     elsewhere.mkdir()
     moved = write_json(elsewhere / "data.json", [good_record()])
     assert LlavaConversationDataset(moved, image_folder=tmp_path)[0]["image"].size == (128, 128)
+
+
+def test_dataset_image_folder_that_does_not_exist_raises(tmp_path):
+    data = write_json(tmp_path / "data.json", [good_record()])
+    with pytest.raises(FileNotFoundError, match="image_folder .*elsewhere is not a folder"):
+        LlavaConversationDataset(data, image_folder=tmp_path / "elsewhere")
 
 
 def test_dataset_missing_data_file_raises(tmp_path):
@@ -342,8 +402,19 @@ def test_dataset_missing_data_file_raises(tmp_path):
 
 def test_dataset_invalid_json_raises(tmp_path):
     (tmp_path / "bad.json").write_text('[{"conversations": [}')
-    with pytest.raises(ValueError, match="bad.json is not valid JSON"):
+    with pytest.raises(ValueError, match="bad.json is not valid JSON: .*line 1 column 21"):
         LlavaConversationDataset(tmp_path / "bad.json")
+
+
+def test_dataset_file_that_is_not_utf8_raises_naming_the_encoding(tmp_path):
+    (tmp_path / "latin1.json").write_bytes(json.dumps([good_record(None)]).replace("red", "rouge é").encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.json is not UTF-8 text .*re-save it as UTF-8"):
+        LlavaConversationDataset(tmp_path / "latin1.json")
+
+
+def test_dataset_file_with_a_utf8_byte_order_mark_reads(tmp_path):
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([good_record(None)]).encode())
+    assert len(LlavaConversationDataset(tmp_path / "bom.json")) == 1
 
 
 @pytest.mark.parametrize("records", [{}, [], {"conversations": []}], ids=["object", "empty", "one-sample"])
@@ -352,30 +423,195 @@ def test_dataset_that_is_not_a_list_of_samples_raises(tmp_path, records):
         LlavaConversationDataset(write_json(tmp_path / "data.json", records))
 
 
+def bad_samples_error(data: Path, **kwargs) -> str:
+    with pytest.raises(ValueError) as error:
+        LlavaConversationDataset(data, **kwargs)
+    return str(error.value)
+
+
 @pytest.mark.parametrize(
     "record, message",
     [
-        ({"image": "a.png"}, "sample 1 .* must be an object with a 'conversations' list"),
-        ({"conversations": []}, "sample 1 .* human/gpt turn pairs, got 0 turns"),
-        ({"conversations": [{"from": "human", "value": "hi"}]}, "sample 1 .* human/gpt turn pairs, got 1 turns"),
+        ({"image": "a.png"}, "sample 1 (image 'a.png'): malformed sample: it must be an object with a "
+                             "'conversations' list"),
+        ({"conversations": []}, "sample 1: malformed sample: it must have human/gpt turn pairs, got 0 turns"),
+        ({"conversations": [{"from": "human", "value": "hi"}]},
+         "sample 1: malformed sample: it must have human/gpt turn pairs, got 1 turns"),
         ({"conversations": [{"from": "gpt", "value": "hi"}, {"from": "human", "value": "yes"}]},
-         "sample 1 .*turn 0 must be .*'human'"),
-        ({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt"}]}, "sample 1 .*turn 1 must be .*'gpt'"),
+         "sample 1: malformed sample: turn 0 must be {'from': 'human', 'value': str}"),
+        ({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt"}]},
+         "sample 1: malformed sample: turn 1 must be {'from': 'gpt', 'value': str}"),
+        ({"image": 7, **good_record(None)}, "sample 1: malformed sample: 'image' must be a non-empty path, got 7"),
     ],
-    ids=["no-conversations", "no-turns", "odd-turns", "wrong-role", "no-value"],
+    ids=["no-conversations", "no-turns", "odd-turns", "wrong-role", "no-value", "image-not-a-path"],
 )
 def test_dataset_malformed_turns_raise_naming_the_sample(tmp_path, images, record, message):
     images[0].save(tmp_path / "a.png")
-    data = write_json(tmp_path / "data.json", [good_record(), record])
-    with pytest.raises(ValueError, match=message):
-        LlavaConversationDataset(data)
+    error = bad_samples_error(write_json(tmp_path / "data.json", [good_record(), record]))
+    assert "1 of 2 samples of" in error and message in error and "fix: give it a 'conversations' list" in error
 
 
-def test_dataset_missing_image_raises_at_construction(tmp_path, images):
+def test_dataset_missing_image_is_reported_with_its_path_and_the_fix(tmp_path, images):
     images[0].save(tmp_path / "a.png")
-    data = write_json(tmp_path / "data.json", [good_record(), good_record("missing.png")])
-    with pytest.raises(FileNotFoundError, match="1 image\\(s\\) .* e.g. \\['missing.png'\\]"):
-        LlavaConversationDataset(data)
+    error = bad_samples_error(write_json(tmp_path / "data.json", [good_record(), good_record("missing.png")]))
+    assert f"sample 1 (image 'missing.png'): missing image: {tmp_path / 'missing.png'} does not exist" in error
+    assert "fix: put the file under the image folder or correct the path" in error
+
+
+def image_files(folder: Path, images) -> dict[str, str]:
+    """Broken image files next to a good one, by case: name -> the problem each must be reported as."""
+    images[0].save(folder / "a.png")
+    png, jpeg = (folder / "a.png").read_bytes(), io.BytesIO()
+    images[0].save(jpeg, format="JPEG")
+    (folder / "truncated.png").write_bytes(png[: len(png) // 2])
+    (folder / "truncated.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+    (folder / "text.png").write_text("not an image")
+    (folder / "empty.png").write_bytes(b"")
+    return {"truncated.png": "unreadable image: OSError: image file is truncated",
+            "truncated.jpg": "unreadable image: OSError: image file is truncated",
+            "text.png": "unreadable image: UnidentifiedImageError: cannot identify image file",
+            "empty.png": "unreadable image: UnidentifiedImageError: cannot identify image file"}
+
+
+@pytest.mark.parametrize("name", ["truncated.png", "truncated.jpg", "text.png", "empty.png"])
+def test_dataset_broken_image_file_is_reported_at_construction(tmp_path, images, name):
+    problem = image_files(tmp_path, images)[name]
+    error = bad_samples_error(write_json(tmp_path / "data.json", [good_record(), good_record(name)]))
+    assert f"sample 1 (image '{name}'): {problem}" in error
+    assert "fix: re-download or re-encode the file (it must decode completely with PIL)" in error
+
+
+@pytest.mark.parametrize("limit", [16 * 16 - 1, 16 * 16 // 2 - 1], ids=["over-the-limit", "over-twice-the-limit"])
+def test_dataset_image_over_the_decompression_bomb_limit_is_reported(tmp_path, monkeypatch, limit):
+    """PIL warns above `MAX_IMAGE_PIXELS` and refuses to open above twice that; both are reported."""
+    Image.new("RGB", (16, 16), "red").save(tmp_path / "big.png")
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+    error = bad_samples_error(write_json(tmp_path / "data.json", [good_record(), good_record("big.png")]))
+    assert "sample 1 (image 'big.png'): image too large: " in error and "decompression bomb" in error
+    assert f"PIL.Image.MAX_IMAGE_PIXELS = {limit})" in error or f"PIL.Image.MAX_IMAGE_PIXELS = {limit};" in error
+    assert "1 of 2 samples" in error and "fix: downscale the file, or raise PIL.Image.MAX_IMAGE_PIXELS" in error
+
+
+def test_dataset_image_paths_escaping_the_image_folder_are_reported(tmp_path, images):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    images[0].save(folder / "a.png")
+    images[1].save(tmp_path / "outside.png")
+    records = [good_record(), good_record("../outside.png"), good_record(str(tmp_path / "outside.png")),
+               good_record(str(folder / "a.png"))]
+    error = bad_samples_error(write_json(tmp_path / "data.json", records), image_folder=folder)
+    assert "2 of 4 samples" in error
+    for index, name in [(1, "../outside.png"), (2, str(tmp_path / "outside.png"))]:
+        assert (f"sample {index} (image '{name}'): image outside image_folder: {tmp_path / 'outside.png'} is not "
+                f"inside {folder}") in error
+    assert "sample 3" not in error  # an absolute path inside the folder is fine
+
+
+def test_dataset_follows_symbolic_links_inside_the_image_folder(tmp_path, images):
+    (tmp_path / "store").mkdir()
+    images[0].save(tmp_path / "store" / "a.png")
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "linked").symlink_to(tmp_path / "store")
+    data = write_json(tmp_path / "data.json", [good_record("linked/a.png")])
+    assert LlavaConversationDataset(data, image_folder=tmp_path / "images")[0]["image"].size == (128, 128)
+
+
+@pytest.mark.parametrize(
+    "turns, image, message",
+    [
+        ([("<image>\nWhat color is it?", "red")], None, "the conversation has 1 <image> placeholder(s) but 0 image"),
+        ([("<image>\nWhat color is it?", "red"), ("<image>\nAnd now?", "blue")], "a.png",
+         "the conversation has 2 <image> placeholder(s) but 1 image"),
+        ([("What color is it?", "<image> red")], "a.png", "turn 1 is an answer (gpt) holding <image>"),
+    ],
+    ids=["placeholder-without-image", "two-placeholders-one-image", "placeholder-in-an-answer"],
+)
+def test_dataset_placeholders_that_do_not_match_the_image_are_reported(tmp_path, images, turns, image, message):
+    images[0].save(tmp_path / "a.png")
+    conversations = [{"from": role, "value": text} for turn in turns for role, text in zip(("human", "gpt"), turn)]
+    record = {"conversations": conversations, **({"image": image} if image else {})}
+    error = bad_samples_error(write_json(tmp_path / "data.json", [good_record(), record]))
+    assert f"sample 1{f' (image {image!r})' if image else ''}: image placeholders: {message}" in error
+    assert "fix: put exactly one <image> in a human turn of a sample with an image" in error
+
+
+def test_dataset_text_that_cannot_be_encoded_is_reported(tmp_path, images):
+    """A JSON escape of half a surrogate pair loads as a Python string that no tokenizer can encode."""
+    images[0].save(tmp_path / "a.png")
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([good_record()])[:-1] + ', {"conversations": [{"from": "human", "value": "hi"}, '
+                    '{"from": "gpt", "value": "smile \\ud83d"}]}]')
+    error = bad_samples_error(data)
+    assert "sample 1: invalid text: turn 1, character 6: surrogates not allowed" in error
+    assert "fix: repair the text at that position (it must be valid Unicode" in error
+
+
+def test_dataset_error_lists_the_first_five_bad_samples_and_counts_them_by_problem(tmp_path, images):
+    image_files(tmp_path, images)
+    records = [good_record("missing.png")] * 4 + [good_record()] + [good_record("text.png")] * 3
+    error = bad_samples_error(write_json(tmp_path / "data.json", records))
+    assert error.startswith(f"7 of 8 samples of {tmp_path / 'data.json'} cannot be trained on (missing image: 4, "
+                            "unreadable image: 3); fix or remove them, or pass skip_bad_samples=True")
+    listed = [line.split(" (")[0].strip() for line in error.splitlines()[1:6]]
+    assert listed == ["sample 0", "sample 1", "sample 2", "sample 3", "sample 5"]
+    assert error.splitlines()[-1] == "  ... and 2 more"
+
+
+def test_dataset_skip_bad_samples_trains_on_the_rest_and_reports_them(tmp_path, images, caplog):
+    problems = image_files(tmp_path, images)
+    names = ["a.png", "truncated.png", "a.png", "missing.png", "text.png", None]
+    data = write_json(tmp_path / "data.json", [good_record(name) for name in names])
+    with caplog.at_level(logging.WARNING, logger="modeling_mlmamba.training"):
+        dataset = LlavaConversationDataset(data, skip_bad_samples=True)
+    assert len(dataset) == 3 and [dataset[i]["index"] for i in range(3)] == [0, 2, 5]
+    assert [dataset[i]["image"] is None for i in range(3)] == [False, False, True]
+    assert [(bad.index, bad.image, bad.problem) for bad in dataset.skipped] == [
+        (1, "truncated.png", "unreadable image"), (3, "missing.png", "missing image"),
+        (4, "text.png", "unreadable image"),
+    ]
+    assert problems["truncated.png"].split(": ", 1)[1] in dataset.skipped[0].detail
+    [warning] = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert warning.startswith(f"skipped 3 of 6 samples of {data} (unreadable image: 2, missing image: 1):")
+    assert "sample 3 (image 'missing.png'): missing image" in warning
+
+
+def test_dataset_skip_bad_samples_still_raises_when_no_sample_is_left(tmp_path):
+    data = write_json(tmp_path / "data.json", [good_record("missing.png")])
+    assert "no sample is left to train on" in bad_samples_error(data, skip_bad_samples=True)
+
+
+def test_dataset_checks_each_image_file_once(tmp_path, images, monkeypatch):
+    images[0].save(tmp_path / "a.png")
+    opened, original = [], Image.open
+
+    def recording_open(path, *args, **kwargs):
+        opened.append(Path(path).name)
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", recording_open)
+    LlavaConversationDataset(write_json(tmp_path / "data.json", [good_record()] * 5))
+    assert opened == ["a.png"]
+
+
+def test_dataset_keeps_a_16_bit_image_for_the_processor_to_convert(tmp_path):
+    """Training and inference read images one way: the dataset returns the file's image as it is and the collator
+    hands it to `processor.preprocess_images`; a 16-bit PNG scales by 1/257 there, where `convert("RGB")`
+    would clip it to white."""
+    gradient = np.linspace(0, 65535, 56 * 56).reshape(56, 56).astype(np.uint16)
+    Image.fromarray(gradient).save(tmp_path / "deep.png")
+    data = write_json(tmp_path / "data.json", [good_record("deep.png")])
+    sample = LlavaConversationDataset(data)[0]
+    assert sample["image"].mode == "I;16"
+    processor = tiny_processor()
+    batch = MLMambaDataCollator(processor)([sample])
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the circle?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    with Image.open(tmp_path / "deep.png") as image:
+        at_inference = processor(images=[image], text=prompt, return_tensors="pt")["pixel_values"]
+        clipped = torch.from_numpy(processor.preprocess_images([image.convert("RGB")]))
+    assert torch.equal(batch["pixel_values"], at_inference)
+    assert not torch.allclose(batch["pixel_values"], clipped, atol=0.1)
 
 
 # --- a few Trainer steps ------------------------------------------------------------------------------------
@@ -499,7 +735,7 @@ def test_finetune_align_stage_changes_only_connector_and_projector(finetune, wor
 
 
 def test_finetune_unknown_stage_fails_at_argument_parsing(finetune, workspace, monkeypatch, capsys):
-    monkeypatch.setattr(finetune, "Trainer", NoTrainer)
+    monkeypatch.setattr(training_run, "Trainer", NoTrainer)
     with pytest.raises(SystemExit) as exit_info:
         finetune.main(finetune_args(workspace, "out", "--stage", "lora"))
     assert exit_info.value.code == 2
@@ -507,17 +743,43 @@ def test_finetune_unknown_stage_fails_at_argument_parsing(finetune, workspace, m
 
 
 def test_finetune_missing_data_file_raises_before_training(finetune, workspace, monkeypatch):
-    monkeypatch.setattr(finetune, "Trainer", NoTrainer)
+    monkeypatch.setattr(training_run, "Trainer", NoTrainer)
     args = finetune_args(workspace, "out", "--max_steps", "1")
     args[args.index("--data_file") + 1] = str(workspace[0] / "missing.json")
     with pytest.raises(FileNotFoundError, match="missing.json does not exist"):
         finetune.main(args)
+    assert not (workspace[0] / "out").exists()
+
+
+def test_finetune_bad_sample_stops_before_training_and_writes_nothing(finetune, workspace, monkeypatch):
+    folder, data = workspace
+    records = json.loads(data.read_text())
+    (data.parent / records[2]["image"]).write_bytes(b"not a png")
+    monkeypatch.setattr(training_run, "Trainer", NoTrainer)
+    with pytest.raises(ValueError, match=f"sample 2 \\(image '{records[2]['image']}'\\): unreadable image"):
+        finetune.main(finetune_args(workspace, "out", "--max_steps", "1"))
+    assert not (folder / "out").exists()
+    (folder / "out").mkdir()
+    (folder / "out" / "earlier.txt").write_text("kept")
+    with pytest.raises(ValueError, match="unreadable image"):
+        finetune.main(finetune_args(workspace, "out", "--max_steps", "1"))
+    assert [p.name for p in (folder / "out").iterdir()] == ["earlier.txt"]
+
+
+def test_finetune_skip_bad_samples_trains_on_the_others(finetune, workspace):
+    folder, data = workspace
+    records = json.loads(data.read_text())
+    (data.parent / records[2]["image"]).unlink()
+    trainer = finetune.main(finetune_args(workspace, "out", "--max_steps", "1", "--save_strategy", "no",
+                                          "--skip_bad_samples"))
+    assert len(trainer.train_dataset) == 3 and [bad.index for bad in trainer.train_dataset.skipped] == [2]
+    assert (folder / "out" / "model.safetensors").is_file()
 
 
 def test_finetune_resume_from_a_checkpoint_of_another_config_fails_before_any_step(finetune, workspace, monkeypatch):
     checkpoint = workspace[0] / "other"
     MLMambaForConditionalGeneration(MLMambaConfig(**TINY_CONFIG_FILE)).save_pretrained(checkpoint)
-    monkeypatch.setattr(finetune, "Trainer", NoTrainer)
+    monkeypatch.setattr(training_run, "Trainer", NoTrainer)
     args = finetune_args(workspace, "out", "--max_steps", "1", "--config_overrides", '{"connector_type": "mlp"}',
                          "--resume_from_checkpoint", str(checkpoint))
     with pytest.raises(ValueError, match="cannot resume from .*connector_type"):
@@ -532,15 +794,3 @@ def test_finetune_resume_from_its_own_checkpoint_continues_training(finetune, wo
     resumed = finetune.main(finetune_args(workspace, "out", "--max_steps", "3", "--save_strategy", "no",
                                           "--resume_from_checkpoint", str(checkpoint)))
     assert resumed.state.global_step == 3
-
-
-def test_finetune_accepts_a_config_file_saved_by_transformers(finetune, workspace):
-    """A config file written by `to_json_file` (what `save_pretrained` writes as config.json) starts a model."""
-    path = workspace[0] / "saved_config.json"
-    MLMambaConfig.tiny().to_json_file(path)
-    model_args = finetune.ModelArguments(config_file=str(path), tokenizer=str(workspace[0] / "tokenizer"),
-                                         config_overrides='{"connector_type": "mlp"}')
-    model, processor = finetune.build_model_and_processor(model_args)
-    assert model.config.connector_type == "mlp"
-    assert model.config.text_config.hidden_size == 64 and model.config.text_config.time_step_limit[1] == math.inf
-    assert processor.image_token_id == model.config.image_token_id == 127
