@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 ROLES = {"human": "user", "gpt": "assistant"}
 
-# What each stage trains (paper §3.4 / the released recipe); everything else is frozen.
+# What each stage trains (the paper's training section and the released recipe); everything else is frozen.
 TRAINING_STAGES = {
     "align": ("connector", "projector"),
     "finetune": ("connector", "projector", "language_model"),

@@ -71,7 +71,7 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 
 def load_example(name: str, folder: str = "examples"):
     """FOLDER/NAME.py as a module (`examples/` for user scripts, `benchmarks/` and `scripts/` for maintainer
-    tools), with its folder importable the way running the script makes it (lora.py imports finetune.py)."""
+    tools), with its folder importable the way running the script makes it."""
     directory = REPOSITORY / folder
     if not (directory / f"{name}.py").is_file():
         raise FileNotFoundError(f"no script {folder}/{name}.py in {REPOSITORY}; folder is one of examples, "
