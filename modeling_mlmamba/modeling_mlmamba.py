@@ -75,20 +75,23 @@ class MLMambaVisionTower(nn.Module):
         return torch.cat([dino_patches, siglip_patches.to(dino_patches.dtype)], dim=-1)
 
 
+# The projector variants, by `projector_type`: (connector width, LM width) -> the layers, in order.
+PROJECTOR_LAYERS = {
+    "fused-gelu-mlp": lambda source, target: [  # the released model
+        nn.Linear(source, 4 * target), nn.GELU(), nn.Linear(4 * target, target), nn.GELU(), nn.Linear(target, target),
+    ],
+    "gelu-mlp": lambda source, target: [nn.Linear(source, target), nn.GELU(), nn.Linear(target, target)],
+    "linear": lambda source, target: [nn.Linear(source, target)],
+}
+
+
 class MLMambaProjector(nn.Module):
-    """Connector output -> LM embedding width. `fused-gelu-mlp` (released) is Linear-GELU-Linear-GELU-Linear."""
+    """Connector output -> LM embedding width, by one of the `PROJECTOR_LAYERS` variants."""
 
     def __init__(self, config: MLMambaConfig):
         super().__init__()
-        source, target = config.connector_hidden_size, config.text_config.hidden_size
-        if config.projector_type == "fused-gelu-mlp":
-            layers = [nn.Linear(source, 4 * target), nn.GELU(), nn.Linear(4 * target, target), nn.GELU(),
-                      nn.Linear(target, target)]
-        elif config.projector_type == "gelu-mlp":
-            layers = [nn.Linear(source, target), nn.GELU(), nn.Linear(target, target)]
-        else:
-            layers = [nn.Linear(source, target)]
-        self.layers = nn.Sequential(*layers)
+        make_layers = PROJECTOR_LAYERS[config.projector_type]
+        self.layers = nn.Sequential(*make_layers(config.connector_hidden_size, config.text_config.hidden_size))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.layers(hidden_states)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import image_prompt, random_pixels, tiny_model
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Dinov2Config, LlamaConfig, SiglipConfig
 
 from modeling_mlmamba import MLMambaConfig, MLMambaForConditionalGeneration, MLMambaModel
 
@@ -42,6 +42,128 @@ def test_sub_configs_accept_objects_and_dicts():
 def test_inconsistent_config_is_rejected(overrides, message):
     with pytest.raises(ValueError, match=message):
         MLMambaConfig.tiny(**overrides)
+
+
+POSITIVE_INTEGER = "must be a positive integer"
+POSITIVE_NUMBER = "must be a positive number"
+
+
+@pytest.mark.parametrize(
+    "overrides, fragments",
+    [
+        ({"connector_num_layers": -1}, ["connector_num_layers", "-1", POSITIVE_INTEGER, "1 or more"]),
+        ({"connector_num_layers": "2"}, ["connector_num_layers", "'2'", POSITIVE_INTEGER]),
+        ({"text_config": {"num_hidden_layers": 0}}, ["text_config.num_hidden_layers", "got 0", POSITIVE_INTEGER]),
+        ({"connector_norm_eps": 0.0}, ["connector_norm_eps", "0.0", POSITIVE_NUMBER, "1e-5"]),
+        ({"connector_norm_eps": -1e-5}, ["connector_norm_eps", "-1e-05", POSITIVE_NUMBER]),
+        ({"text_config": {"layer_norm_epsilon": 0.0}}, ["text_config.layer_norm_epsilon", "0.0", POSITIVE_NUMBER]),
+        ({"dino_config": {"layer_norm_eps": -1e-6}}, ["dino_config.layer_norm_eps", "-1e-06", POSITIVE_NUMBER]),
+        ({"siglip_config": {"layer_norm_eps": 0.0}}, ["siglip_config.layer_norm_eps", "0.0", POSITIVE_NUMBER]),
+        ({"dino_config": {"patch_size": 0}}, ["dino_config.patch_size", "got 0", POSITIVE_INTEGER]),
+        ({"dino_config": {"patch_size": 70}, "siglip_config": {"patch_size": 70}},
+         ["dino_config.patch_size 70", "larger than its image_size 56", "at most the image_size"]),
+        ({"connector_chunk_size": 0}, ["connector_chunk_size", "got 0", POSITIVE_INTEGER]),
+        ({"text_config": {"chunk_size": -8}}, ["text_config.chunk_size", "-8", POSITIVE_INTEGER]),
+        ({"connector_hidden_size": 0}, ["connector_hidden_size", "got 0", POSITIVE_INTEGER]),
+        ({"connector_head_dim": 0}, ["connector_head_dim", "got 0", POSITIVE_INTEGER]),
+        ({"dino_config": {"hidden_size": -32}}, ["dino_config.hidden_size", "-32", POSITIVE_INTEGER]),
+        ({"connector_state_size": 0}, ["connector_state_size", "got 0", POSITIVE_INTEGER]),
+        ({"text_config": {"state_size": -16}}, ["text_config.state_size", "-16", POSITIVE_INTEGER]),
+        ({"connector_conv_kernel": 0}, ["connector_conv_kernel", "got 0", POSITIVE_INTEGER]),
+        ({"text_config": {"conv_kernel": 0}}, ["text_config.conv_kernel", "got 0", POSITIVE_INTEGER]),
+        ({"vision_feature_layer": 4}, ["vision_feature_layer 4", "dino_config's 3 layers", "-4 to 3", "both towers"]),
+        ({"vision_feature_layer": -5}, ["vision_feature_layer -5", "dino_config's 3 layers"]),
+        ({"vision_feature_layer": 3, "siglip_config": {"num_hidden_layers": 2}},
+         ["vision_feature_layer 3", "siglip_config's 2 layers", "-3 to 2"]),
+        ({"text_config": {"model_type": "llama", "num_hidden_layers": 2}},
+         ["text_config has model_type 'llama'", "needs 'mamba2'", "Mamba2Config"]),
+        ({"text_config": {"layer_norm_epsilon": 1}},
+         ["text_config is not a valid Mamba2Config", "layer_norm_epsilon", "expected float", "fix that entry"]),
+        ({"text_config": {"num_heads": 5}},
+         ["text_config is not a valid Mamba2Config", "num_heads * head_dim", "fix that entry"]),
+    ],
+)
+def test_invalid_values_are_rejected_naming_field_value_and_fix(overrides, fragments):
+    with pytest.raises(ValueError) as raised:
+        MLMambaConfig.tiny(**overrides)
+    for fragment in fragments:
+        assert fragment in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "name, config",
+    [("text_config", LlamaConfig()), ("dino_config", Dinov2Config()), ("siglip_config", SiglipConfig())],
+)
+def test_sub_config_of_another_model_type_is_rejected(name, config):
+    with pytest.raises(ValueError, match=rf"{name} is a {type(config).__name__} \(model_type '{config.model_type}'\)"):
+        MLMambaConfig.tiny(**{name: config})
+    with pytest.raises(TypeError, match=f"{name} must be a"):
+        MLMambaConfig.tiny(**{name: "mamba2"})
+
+
+def test_config_of_another_model_is_rejected():
+    with pytest.raises(ValueError, match="model_type is 'llama'"):
+        MLMambaConfig.from_dict(LlamaConfig(num_hidden_layers=2).to_dict())
+
+
+def test_misspelt_keyword_is_rejected_with_close_matches():
+    with pytest.raises(ValueError, match=r"unknown keyword\(s\) conector_type='mlp' \(did you mean connector_type"):
+        MLMambaConfig.tiny(conector_type="mlp")
+    with pytest.raises(ValueError, match=r"vison_feature_layer=-1 \(did you mean vision_feature_layer\?\)"):
+        MLMambaConfig.from_dict({**MLMambaConfig.tiny().to_dict(), "vison_feature_layer": -1})
+    with pytest.raises(ValueError, match=r"completely_unknown=1;"):
+        MLMambaConfig.tiny(completely_unknown=1)
+
+
+@pytest.mark.parametrize(
+    "keyword, value",
+    [
+        ("_name_or_path", "someone/model"), ("name_or_path", "someone/model"), ("architectures", ["MLMambaModel"]),
+        ("auto_map", {"AutoConfig": "configuration_mlmamba.MLMambaConfig"}), ("transformers_version", "5.0.0"),
+        ("torch_dtype", "bfloat16"), ("dtype", "float16"), ("output_hidden_states", True),
+        ("output_attentions", False), ("return_dict", False), ("pad_token_id", 0), ("bos_token_id", 0),
+        ("eos_token_id", 0), ("attn_implementation", "eager"), ("_attn_implementation", "sdpa"), ("num_labels", 3),
+        ("use_cache", False), ("max_length", 30), ("model_type", "mlmamba"), ("_commit_hash", "0" * 40),
+    ],
+)
+def test_keywords_transformers_passes_through_are_accepted(keyword, value):
+    config = MLMambaConfig.tiny(**{keyword: value})
+    assert MLMambaConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()
+
+
+def test_unknown_key_from_another_transformers_version_is_kept_with_a_warning(tmp_path, caplog):
+    """A config.json written by another transformers version may hold that version's own new keys: the folder must
+    still load. Written by this version, the same key is a mistake."""
+    import transformers
+
+    config = MLMambaConfig.tiny()
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "new_field": 1, "transformers_version": "99.0.0"}))
+    with caplog.at_level("WARNING"):
+        loaded = MLMambaConfig.from_pretrained(tmp_path)
+    assert loaded.new_field == 1
+    assert "new_field=1" in caplog.text and "transformers 99.0.0" in caplog.text
+    (tmp_path / "config.json").write_text(
+        json.dumps({**saved, "new_field": 1, "transformers_version": transformers.__version__})
+    )
+    with pytest.raises(ValueError, match="unknown keyword.*new_field=1"):
+        MLMambaConfig.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("layer", [-4, 0, 3])
+def test_every_hidden_state_of_both_towers_can_feed_the_connector(layer):
+    """The range the config accepts is exactly what the towers return: embeddings (0) to the last block."""
+    model = tiny_model(vision_feature_layer=layer)
+    features = model.get_image_features(random_pixels(1, model.config))
+    assert features.shape == (1, model.config.image_seq_length, model.config.text_config.hidden_size)
+
+
+def test_released_image_size_need_not_be_a_multiple_of_the_patch():
+    """384 px in 14 px patches: 27 x 27 patches, the last 6 pixel rows and columns unused, as in the released
+    towers, so such a config is valid."""
+    config = MLMambaConfig.tiny(dino_config={"image_size": 60}, siglip_config={"image_size": 60})
+    assert config.image_grid == (4, 4)
 
 
 def test_forward_shapes(model):
