@@ -5,6 +5,7 @@ token sequence, and the generation head. The connector lives in `connector.py`, 
 """
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ from .connector import MLMambaConnector, ScanDirection
 from .cuda_graphs import GenerationGraphs
 from .gemv import decode_linear
 from .mamba2 import CausalMamba2Mixer, GatedRMSNorm, Mamba2LanguageModel, RMSNorm
+from .saving import check_save_directory, save_aside
 
 # transformers up to 5.2x passes a Mamba cache as `cache_params`, later releases call it `cache`; the
 # language model's own output class tells us which name this installation uses.
@@ -109,9 +111,15 @@ class MLMambaPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _is_stateful = True
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """Map every Auto class to the copied code in `config.json`, so the folder loads through any of them with
-        `trust_remote_code=True` (transformers writes only `AutoConfig` and the saved class's own)."""
+    def save_pretrained(self, save_directory, is_main_process: bool = True, *args, **kwargs):
+        """transformers' saving, made all-or-nothing: the files are written aside and moved into the folder only once
+        complete (`saving.py`), so an interrupted save leaves the previous one loadable; files it does not write
+        (processor, tokenizer, README) stay. A `save_directory` that is a file raises.
+
+        `config.json` also maps every Auto class to the copied code, so the folder loads through any of them with
+        `trust_remote_code=True` (transformers writes only `AutoConfig` and the saved class's own).
+        """
+        check_save_directory(save_directory)
         if self._auto_class is not None:
             module = type(self).__module__.rsplit(".", 1)[-1]
             self.config.auto_map = {
@@ -120,7 +128,18 @@ class MLMambaPreTrainedModel(PreTrainedModel):
                 "AutoModelForImageTextToText": f"{module}.MLMambaForConditionalGeneration",
                 "AutoModelForCausalLM": f"{module}.MLMambaForConditionalGeneration",
             }
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        # Ranks that write nothing, and distributed checkpoints (every rank writes its part), save in place.
+        if kwargs.get("distributed_checkpoint") or not self.should_save_on_this_rank(is_main_process):
+            return super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
+        if kwargs.get("push_to_hub"):
+            # transformers names the Hub repo after the folder it writes, here the hidden one; keep the real name.
+            kwargs.setdefault("repo_id", os.fspath(save_directory).split(os.path.sep)[-1])
+        save_aside(
+            save_directory,
+            lambda staging: super(MLMambaPreTrainedModel, self).save_pretrained(
+                staging, is_main_process, *args, **kwargs
+            ),
+        )
 
     def _init_weights(self, module):
         super()._init_weights(module)

@@ -1,12 +1,17 @@
 import json
+import types
+from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 import torch.nn.functional as F
-from conftest import image_prompt, random_pixels, tiny_model
+import transformers.modeling_utils
+from conftest import image_prompt, random_pixels, tiny_model, tiny_processor
+from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Dinov2Config, LlamaConfig, SiglipConfig
 
-from modeling_mlmamba import MLMambaConfig, MLMambaForConditionalGeneration, MLMambaModel
+from modeling_mlmamba import MLMambaConfig, MLMambaForConditionalGeneration, MLMambaModel, MLMambaProcessor
 
 
 def test_default_config_is_the_released_model():
@@ -134,8 +139,6 @@ def test_keywords_transformers_passes_through_are_accepted(keyword, value):
 def test_unknown_key_from_another_transformers_version_is_kept_with_a_warning(tmp_path, caplog):
     """A config.json written by another transformers version may hold that version's own new keys: the folder must
     still load. Written by this version, the same key is a mistake."""
-    import transformers
-
     config = MLMambaConfig.tiny()
     config.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
@@ -264,6 +267,124 @@ def test_save_and_load_roundtrip_is_bit_exact(model, tmp_path):
     torch.testing.assert_close(
         base.get_image_features(pixels), model.get_image_features(pixels), rtol=0, atol=0
     )
+
+
+class Killed(BaseException):
+    """Stands in for the process being killed: not an `Exception`, so nothing on the way may swallow it."""
+
+
+def folder_contents(folder: Path) -> dict:
+    return {path.name: path.read_bytes() if path.is_file() else folder_contents(path) for path in folder.iterdir()}
+
+
+def weight_files(folder: Path) -> dict:
+    return {name: data for name, data in folder_contents(folder).items() if ".safetensors" in name}
+
+
+def assert_same_weights(model, reference):
+    expected = reference.state_dict()
+    actual = model.state_dict()
+    assert actual.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(actual[name], tensor), name
+
+
+def test_interrupted_save_leaves_the_previous_save_loadable(tmp_path, monkeypatch):
+    old, new = tiny_model(seed=0), tiny_model(seed=1)
+    old.save_pretrained(tmp_path, max_shard_size="100KB")
+    tiny_processor(old.config).save_pretrained(tmp_path)
+    before = folder_contents(tmp_path)
+    assert len([name for name in before if name.endswith(".safetensors")]) > 2
+
+    shards_written = []
+
+    def killed_after_the_first_shard(tensors, filename, *args, **kwargs):
+        if shards_written:
+            raise Killed
+        shards_written.append(filename)
+        save_file(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", killed_after_the_first_shard)
+    with pytest.raises(Killed):
+        new.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert len(shards_written) == 1
+    assert folder_contents(tmp_path) == before  # byte for byte, and no hidden folder left behind
+    assert_same_weights(MLMambaForConditionalGeneration.from_pretrained(tmp_path), old)
+    assert not torch.equal(old.lm_head.weight, new.lm_head.weight)
+
+
+@pytest.mark.parametrize(
+    "first, second", [("1GB", "100KB"), ("100KB", "1GB"), ("100KB", "300KB")],
+    ids=["sharded-over-single-file", "single-file-over-sharded", "fewer-shards-over-more"],
+)
+def test_save_replaces_the_weights_and_keeps_every_other_file(tmp_path, first, second):
+    old, new = tiny_model(seed=0), tiny_model(seed=1)
+    folder = tmp_path / "model"
+    old.save_pretrained(folder, max_shard_size=first)
+    processor = tiny_processor(old.config)
+    processor.save_pretrained(folder)
+    (folder / "README.md").write_text("my notes")
+    (folder / "runs").mkdir()
+    (folder / "runs" / "events.log").write_text("step 1")
+    others = folder_contents(folder)
+
+    new.save_pretrained(folder, max_shard_size=second)
+    new.save_pretrained(tmp_path / "fresh", max_shard_size=second)
+    assert weight_files(folder) == weight_files(tmp_path / "fresh")  # no weight file of the old save is left
+    assert_same_weights(MLMambaForConditionalGeneration.from_pretrained(folder), new)
+    kept = folder_contents(folder)
+    for name in ("README.md", "runs", "processor_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert kept[name] == others[name]
+    assert MLMambaProcessor.from_pretrained(folder).image_token_id == processor.image_token_id
+    assert not [name for name in kept if name.startswith(".")]
+
+
+def test_save_onto_a_file_raises_and_leaves_it_alone(tmp_path, model):
+    path = tmp_path / "model"
+    path.write_text("not a folder")
+    with pytest.raises(ValueError, match=r"save_directory .*model' is a file, not a folder; pass the path of a folder"):
+        model.save_pretrained(path)
+    assert path.read_text() == "not a folder"
+    assert [entry.name for entry in tmp_path.iterdir()] == ["model"]
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """HfApi without a network: repositories are created on request, each commit's files are recorded."""
+    from huggingface_hub import HfApi, ModelCard
+    from huggingface_hub.errors import EntryNotFoundError
+
+    commits = []
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        commits.append((repo_id, {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations}))
+
+    def no_card_yet(repo_id, **kwargs):
+        raise EntryNotFoundError(f"{repo_id} has no README.md yet")
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: types.SimpleNamespace(repo_id=repo_id))
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    monkeypatch.setattr(ModelCard, "load", no_card_yet)
+    return commits
+
+
+def test_push_to_hub_uploads_a_complete_save(fake_hub, model):
+    model.push_to_hub("someone/tiny-mlmamba")
+    [(repo_id, files)] = fake_hub
+    assert repo_id == "someone/tiny-mlmamba"
+    assert {"config.json", "generation_config.json", "model.safetensors", "modeling_mlmamba.py", "saving.py",
+            "README.md"} <= files.keys()
+    assert not [name for name in files if name.startswith(".")]
+    uploaded = safetensors.torch.load(files["model.safetensors"])
+    assert torch.equal(uploaded["model.connector.input_proj.weight"], model.model.connector.input_proj.weight)
+
+
+def test_save_with_push_to_hub_names_the_repo_after_the_folder(fake_hub, model, tmp_path):
+    folder = tmp_path / "tiny-mlmamba"
+    model.save_pretrained(folder, push_to_hub=True)
+    [(repo_id, files)] = fake_hub
+    assert repo_id == "tiny-mlmamba"
+    assert files == folder_contents(folder)
 
 
 def test_lm_head_is_tied_to_embeddings(model):
