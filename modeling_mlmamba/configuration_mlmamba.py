@@ -220,7 +220,8 @@ class MLMambaConfig(PretrainedConfig):
         described = []
         for key in unknown:
             matches = difflib.get_close_matches(key, names, n=2)
-            described.append(f"{key}={keywords[key]!r}" + (f" (did you mean {' or '.join(matches)}?)" if matches else ""))
+            hint = f" (did you mean {' or '.join(matches)}?)" if matches else ""
+            described.append(f"{key}={keywords[key]!r}{hint}")
         message = (
             f"MLMambaConfig got unknown keyword(s) {', '.join(described)}; its fields are listed in the "
             "MLMambaConfig docstring"
