@@ -23,9 +23,10 @@ ConnectorType = Literal["mlp", "msc"]
 ConnectorScan = Literal["bidirectional", "cross"]
 ProjectorType = Literal["fused-gelu-mlp", "gelu-mlp", "linear"]
 
-# Keys that transformers writes into a model's config.json after building the config (custom-code saving writes
-# `auto_map`, quantizers `quantization_config`); a saved folder carries them back as keywords.
-WRITTEN_BY_TRANSFORMERS = ("auto_map", "quantization_config")
+# Keys of a model's config.json that transformers uses beyond the config's fields: written after the config is
+# built (`auto_map` by custom-code saving, `quantization_config` by quantizers) or read when loading
+# (`transformers_weights`, the weights file to load). A saved folder passes them back as keywords.
+TRANSFORMERS_CONFIG_KEYS = ("auto_map", "quantization_config", "transformers_weights")
 
 # The GPT-NeoX tokenizer has 50277 tokens and the LM's vocabulary is padded to 50288, so the first
 # padding slot can hold the image placeholder without resizing the embeddings.
@@ -131,7 +132,7 @@ def _keys_transformers_keeps() -> frozenset:
     """Keywords that are no field of ours but that transformers itself passes to a config and reads back:
     `PretrainedConfig`'s own attributes, generation settings that configs carry (`pad_token_id`, ...), and the
     keys it writes into config.json after building a config."""
-    return frozenset(vars(PretrainedConfig())) | frozenset(vars(GenerationConfig())) | set(WRITTEN_BY_TRANSFORMERS)
+    return frozenset(vars(PretrainedConfig())) | frozenset(vars(GenerationConfig())) | set(TRANSFORMERS_CONFIG_KEYS)
 
 
 class MLMambaConfig(PretrainedConfig):
@@ -160,6 +161,10 @@ class MLMambaConfig(PretrainedConfig):
         initializer_range (`float`): std of the normal init of our linear and embedding weights (towers keep theirs).
         use_cuda_graphs (`bool`, defaults to True): on CUDA, `generate()` replays a captured graph of the LM's
             one-token step (one per batch size). Set `model.config.use_cuda_graphs = False` to decode eagerly.
+
+    Every value is checked when the config is built (also when it is loaded): a wrong one raises a `ValueError`
+    that names the field, the value and the fix, and so does a keyword that is neither a field nor one that
+    transformers itself passes to configs (with the fields it resembles).
     """
 
     model_type = "mlmamba"

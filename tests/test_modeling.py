@@ -129,6 +129,7 @@ def test_misspelt_keyword_is_rejected_with_close_matches():
         ("output_attentions", False), ("return_dict", False), ("pad_token_id", 0), ("bos_token_id", 0),
         ("eos_token_id", 0), ("attn_implementation", "eager"), ("_attn_implementation", "sdpa"), ("num_labels", 3),
         ("use_cache", False), ("max_length", 30), ("model_type", "mlmamba"), ("_commit_hash", "0" * 40),
+        ("quantization_config", {"quant_method": "bitsandbytes"}), ("transformers_weights", "model.safetensors"),
     ],
 )
 def test_keywords_transformers_passes_through_are_accepted(keyword, value):
