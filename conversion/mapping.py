@@ -3,8 +3,8 @@
 Sources: the four sub-state-dicts of the released `latest-checkpoint.pt`, and timm's DINOv2-with-registers
 (`vit_large_patch14_reg4_dinov2.lvd142m`) and SigLIP (`vit_so400m_patch14_siglip_384`) checkpoints. Targets are the
 names that our `save_pretrained` writes and that every supported transformers version reads: its own loading path
-renames them in memory where a version needs to (DINOv2's attention is `attention.attention.query` in memory in
-transformers 5.17 and `attention.q_proj` in 5.23; saved files keep the former names and load in both).
+renames them in memory where a version needs to (DINOv2's attention: `attention.attention.query` in 5.17,
+`attention.q_proj` from 5.23; saved files keep the former and load in both).
 
 Nothing here reads files or builds models: functions take and return dicts of tensors. Every source tensor is
 either mapped by a rule, on the `DROPPED` list, or reported; every problem is collected, never raised one by one.
@@ -197,7 +197,7 @@ def timm_siglip_rules(grid: tuple[int, int]) -> list[Rule]:
 
 _CONNECTOR = "model.connector."
 _LM = "model.language_model."
-# Per original sub-state-dict. In the connector's mixers, the unsuffixed conv/dt/A/D set is the forward
+# Per sub-state-dict of the checkpoint. In the connector's mixers, the unsuffixed conv/dt/A/D set is the forward
 # scan (our direction 0) and the `_b` set the backward scan (direction 1); in_proj, norm and out_proj are shared.
 ORIGINAL_RULES: dict[str, list[Rule]] = {
     "mlp": [(r"0\.(weight|bias)", _CONNECTOR + r"input_proj.\1")],
@@ -215,7 +215,7 @@ ORIGINAL_RULES: dict[str, list[Rule]] = {
         (r"projector\.(weight|bias)", r"model.projector.layers.0.\1"),  # the `linear` projector
     ],
     "llm_backbone": [
-        # mamba_ssm says `embedding`, transformers' Mamba2Model `embeddings`; v5's from_pretrained no longer renames it.
+        # mamba_ssm says `embedding`, transformers' Mamba2Model `embeddings` (v5 loading does not rename it).
         (r"backbone\.embedding\.weight", _LM + "embeddings.weight"),
         (r"backbone\.layers\.(\d+)\.norm\.weight", _LM + r"layers.\1.norm.weight"),
         (r"backbone\.layers\.(\d+)\.mixer\.(in_proj\.weight|conv1d\.weight|conv1d\.bias|dt_bias|A_log|D|norm\.weight"
