@@ -265,6 +265,8 @@ class MLMambaConfig(PretrainedConfig):
             )
 
     def _check_towers(self) -> None:
+        if isinstance(self.vision_feature_layer, bool) or not isinstance(self.vision_feature_layer, int):
+            raise ValueError(f"vision_feature_layer must be an integer index, got {self.vision_feature_layer!r}")
         for name, tower in (("dino_config", self.dino_config), ("siglip_config", self.siglip_config)):
             for field in ("num_hidden_layers", "hidden_size", "num_attention_heads"):
                 _check_positive_int(f"{name}.{field}", getattr(tower, field))
@@ -281,8 +283,6 @@ class MLMambaConfig(PretrainedConfig):
                     "tower would see no patch; use a patch_size of at most the image_size"
                 )
             depth = tower.num_hidden_layers
-            if isinstance(self.vision_feature_layer, bool) or not isinstance(self.vision_feature_layer, int):
-                raise ValueError(f"vision_feature_layer must be an integer index, got {self.vision_feature_layer!r}")
             # `hidden_states` holds the embeddings and then one entry per block: depth + 1 entries.
             if not -(depth + 1) <= self.vision_feature_layer <= depth:
                 raise ValueError(
@@ -302,9 +302,10 @@ class MLMambaConfig(PretrainedConfig):
                       "conv_kernel", "chunk_size", "vocab_size"):
             _check_positive_int(f"text_config.{field}", getattr(text, field))
         _check_positive_number("text_config.layer_norm_epsilon", text.layer_norm_epsilon)
-        if not 0 <= self.image_token_id < text.vocab_size:
+        if not isinstance(self.image_token_id, int) or not 0 <= self.image_token_id < text.vocab_size:
             raise ValueError(
-                f"image_token_id {self.image_token_id} is outside the LM vocabulary (size {text.vocab_size})"
+                f"image_token_id {self.image_token_id!r} is outside the LM vocabulary (size {text.vocab_size}); use "
+                "the id of the tokenizer's <image> token, below text_config.vocab_size"
             )
 
     @staticmethod

@@ -134,12 +134,12 @@ class MLMambaPreTrainedModel(PreTrainedModel):
         if kwargs.get("push_to_hub"):
             # transformers names the Hub repo after the folder it writes, here the hidden one; keep the real name.
             kwargs.setdefault("repo_id", os.fspath(save_directory).split(os.path.sep)[-1])
-        save_aside(
-            save_directory,
-            lambda staging: super(MLMambaPreTrainedModel, self).save_pretrained(
-                staging, is_main_process, *args, **kwargs
-            ),
-        )
+        parent = super()
+
+        def write(folder):
+            parent.save_pretrained(folder, is_main_process, *args, **kwargs)
+
+        save_aside(save_directory, write)
 
     def _init_weights(self, module):
         super()._init_weights(module)

@@ -340,6 +340,16 @@ def test_save_replaces_the_weights_and_keeps_every_other_file(tmp_path, first, s
     assert not [name for name in kept if name.startswith(".")]
 
 
+def test_save_on_a_process_that_does_not_write_changes_nothing(tmp_path):
+    """Distributed training calls save_pretrained on every rank; only the main one writes, the others must not
+    touch the folder (nor remove the weights that the main rank is replacing)."""
+    old, new = tiny_model(seed=0), tiny_model(seed=1)
+    old.save_pretrained(tmp_path)
+    before = folder_contents(tmp_path)
+    new.save_pretrained(tmp_path, is_main_process=False)
+    assert folder_contents(tmp_path) == before
+
+
 def test_save_onto_a_file_raises_and_leaves_it_alone(tmp_path, model):
     path = tmp_path / "model"
     path.write_text("not a folder")
