@@ -2,14 +2,18 @@
 
 Validation goes through the model's own loading path (`from_pretrained` with a state dict), so the saved names
 that `mapping` produces are checked against what this transformers version really builds, renames included.
-The output folder appears only when complete: everything is written to a hidden sibling folder first.
+The output folder appears only when complete: everything is written to a hidden sibling folder
+`.<output>.partial-<id>` first, which an exception or interruption removes; one left by a killed run is removed
+when the next conversion to the same output starts.
 """
 
+import logging
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
@@ -26,20 +30,36 @@ from .sources import (
     read_run_config,
 )
 
+logger = logging.getLogger(__name__)
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ORIGINAL_REPO = "huangwenjun1994/ML-Mamba"
 # Table 2 of the paper (arXiv 2407.19832) for the released model; the card states where they come from.
 PAPER_RESULTS = {"VQAv2": 75.26, "GQA": 60.68, "TextVQA": 52.2, "POPE": 88.3, "VizWiz": 45.17, "VSR": 51.5}
 
 
+class UploadError(Exception):
+    """The output folder was written completely, but uploading it to the Hub failed."""
+
+
 def cast_tensors(converted: Converted, dtype: torch.dtype) -> tuple[dict, list[str]]:
-    """Every converted tensor in `dtype` and contiguous (the qkv splits are views); non-float tensors are problems."""
+    """Every converted tensor in `dtype` and contiguous (the qkv splits are views). Non-float tensors, NaN or
+    infinite values in a source, and values that overflow `dtype` are problems: a model holding them would load
+    and answer with garbage."""
     tensors, problems = {}, []
     for name, tensor in tqdm(converted.tensors.items(), desc="Converting tensors", unit="tensor"):
+        origin = f"{name} (from {converted.origins[name]})"
         if not tensor.is_floating_point():
-            problems.append(f"{name} (from {converted.origins[name]}) has dtype {tensor.dtype}, not a float dtype")
+            problems.append(f"{origin} has dtype {tensor.dtype}, not a float dtype")
             continue
         tensors[name] = tensor.to(dtype).contiguous()
+        if not_finite := int((~torch.isfinite(tensor)).sum()):
+            problems.append(f"{origin} holds {not_finite} NaN or infinite value(s): the source is damaged")
+        elif overflowing := int((~torch.isfinite(tensors[name])).sum()):
+            problems.append(
+                f"{origin} has {overflowing} value(s) beyond the range of {dtype} (largest magnitude "
+                f"{tensor.abs().max().item():.3g}); choose --dtype float32 or bfloat16"
+            )
     return tensors, problems
 
 
@@ -88,22 +108,54 @@ def check_output_free(output: Path) -> None:
                                "choose another --output"])
 
 
-def write_hub_folder(output: Path, model, processor, max_shard_size: str, card: dict) -> Path:
-    """Model (sharded safetensors, config, remote code), processor with tokenizer, and model card, written to a
-    hidden sibling folder that is renamed to `output` only once complete. `card` holds `write_model_card` arguments."""
-    check_output_free(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+def check_max_shard_size(max_shard_size: str | int) -> None:
+    """Checked before any work, by the parser that transformers' saving uses (huggingface_hub's sharding)."""
     try:
-        model.save_pretrained(staging, max_shard_size=max_shard_size)
-        processor.save_pretrained(staging)
-        write_model_card(staging, model.config, model_name=output.name, **card)
-        if output.exists():
-            output.rmdir()  # empty, checked above
-        staging.rename(output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        split_torch_state_dict_into_shards({}, max_shard_size=max_shard_size)
+    except ValueError as error:
+        raise ConversionError([f"--max-shard-size {max_shard_size!r} is not a size ({error}); write it like 5GB or "
+                               "500MB"]) from error
+    # That parser reads the number before the two-letter unit.
+    number = float(max_shard_size.strip()[:-2]) if isinstance(max_shard_size, str) else max_shard_size
+    if number <= 0:
+        raise ConversionError([f"--max-shard-size {max_shard_size!r} must be larger than zero, e.g. 5GB"])
+
+
+def partial_folders(output: Path) -> list[Path]:
+    """The hidden folders that conversions to `output` write into (`write_hub_folder`)."""
+    return sorted(path for path in output.parent.glob(f".{output.name}.partial-*") if path.is_dir())
+
+
+def remove_stale_partials(output: Path) -> None:
+    """A conversion killed without a chance to clean up (SIGKILL, power loss) leaves its hidden folder behind."""
+    for path in partial_folders(output):
+        logger.warning(f"removing {path}, the unfinished output of an earlier conversion that was killed")
+        shutil.rmtree(path)
+
+
+def make_partial_folder(output: Path) -> Path:
+    """The hidden sibling folder the output is written into; creating it first also proves, before any heavy
+    work, that the output's folder can be written."""
+    partial = output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:12]}"
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        partial.mkdir()
+    except OSError as error:
+        raise ConversionError([f"cannot write next to the output {output}: {type(error).__name__}: {error}; choose "
+                               "an --output in a folder you can write"]) from error
+    return partial
+
+
+def write_hub_folder(partial: Path, output: Path, model, processor, max_shard_size: str, card: dict) -> Path:
+    """Model (sharded safetensors, config, remote code), processor with tokenizer, and model card, written to the
+    `partial` folder that is renamed to `output` once complete. `card` holds `write_model_card` arguments."""
+    model.save_pretrained(partial, max_shard_size=max_shard_size)
+    processor.save_pretrained(partial)
+    write_model_card(partial, model.config, model_name=output.name, **card)
+    check_output_free(output)
+    if output.exists():
+        output.rmdir()  # empty, checked just above
+    partial.rename(output)
     return output
 
 
@@ -148,33 +200,48 @@ def convert(
     siglip_config: dict | None = None,
     text_config: dict | None = None,
     connector_config: dict | None = None,
-    max_shard_size: str = "5GB",
+    max_shard_size: str | int = "5GB",
     push_to_hub: str | None = None,
 ) -> Path:
     """Convert the released checkpoint, its vision towers and tokenizer into a complete Hub folder at `output`.
 
     The image placeholder `<image>` gets the tokenizer's id for it, or the first free id (50277 when released),
-    unless `connector_config` sets `image_token_id`.
+    unless `connector_config` sets `image_token_id`. The output, dtype and shard size are checked before any
+    input is read. Raises `ConversionError` (listing every problem; nothing written) or, with `push_to_hub`,
+    `UploadError` when the folder was written but the upload failed.
     """
     output = Path(output)
     check_output_free(output)
     if dtype not in DTYPES:
         raise ConversionError([f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}"])
-    released = not any((dino_config, siglip_config, text_config, connector_config))
-    run = read_run_config(run_config)
-    text_tokenizer = load_tokenizer(tokenizer)
-    connector_config = {"image_token_id": image_token_id_for(text_tokenizer), **(connector_config or {})}
-    config = build_config(run, dino_config, siglip_config, text_config, connector_config)
-    processor = build_processor(config, text_tokenizer, run.get("llm_max_length"))
-    converted = map_all(
-        config,
-        load_original_checkpoint(checkpoint),
-        load_timm_state_dict(dino, "DINOv2"),
-        load_timm_state_dict(siglip, "SigLIP"),
-    )
-    model = load_validated_model(config, converted, DTYPES[dtype])
-    card = card_arguments(run, dtype, released, push_to_hub, output)
-    write_hub_folder(output, model, processor, max_shard_size, card)
+    check_max_shard_size(max_shard_size)
+    remove_stale_partials(output)
+    partial = make_partial_folder(output)
+    try:
+        released = not any((dino_config, siglip_config, text_config, connector_config))
+        run = read_run_config(run_config)
+        text_tokenizer = load_tokenizer(tokenizer)
+        connector_config = {"image_token_id": image_token_id_for(text_tokenizer), **(connector_config or {})}
+        config = build_config(run, dino_config, siglip_config, text_config, connector_config)
+        processor = build_processor(config, text_tokenizer, run.get("llm_max_length"))
+        converted = map_all(
+            config,
+            load_original_checkpoint(checkpoint),
+            load_timm_state_dict(dino, "DINOv2"),
+            load_timm_state_dict(siglip, "SigLIP"),
+        )
+        model = load_validated_model(config, converted, DTYPES[dtype])
+        card = card_arguments(run, dtype, released, push_to_hub, output)
+        write_hub_folder(partial, output, model, processor, max_shard_size, card)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     if push_to_hub:
-        push_folder(output, push_to_hub)
+        try:
+            push_folder(output, push_to_hub)
+        except Exception as error:
+            raise UploadError(
+                f"wrote {output}, but uploading it to {push_to_hub} failed: {type(error).__name__}: {error}; upload "
+                f"the folder again with `hf upload {push_to_hub} {output}`"
+            ) from error
     return output

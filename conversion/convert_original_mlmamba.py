@@ -4,20 +4,32 @@
         --dino timm/vit_large_patch14_reg4_dinov2.lvd142m --siglip timm/vit_so400m_patch14_siglip_384.webli \\
         --tokenizer xiuyul/mamba-2.8b-zephyr --output ml-mamba-hf
 
-The work is done by `conversion.convert`; this file only parses arguments. Exit status 1 means nothing was
-written, and the message lists every problem found.
+The work is done by `conversion.convert`; this file only parses arguments and turns the outcome into the exit
+status in `EXIT_STATUS`.
 """
 
 import argparse
+import signal
 import sys
+import textwrap
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: make the repository root importable, as `python -m` does
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from conversion.convert import DTYPES, convert  # noqa: E402
+from conversion.convert import DTYPES, UploadError, convert  # noqa: E402
 from conversion.mapping import ConversionError  # noqa: E402
 from conversion.sources import parse_overrides  # noqa: E402
+
+EXIT_STATUS = """exit status:
+  0    the folder was written (and uploaded, with --push-to-hub)
+  1    nothing was written; the message lists every problem found
+  2    the command line is wrong (argparse); nothing was written
+  3    the folder was written completely, but the upload of --push-to-hub failed; upload it again with `hf upload`
+  130  interrupted by Ctrl-C (SIGINT), 129 / 143 by SIGHUP / SIGTERM: nothing was written (the unfinished hidden
+       folder is removed; one left by a killed run is removed when the next conversion to that --output starts)"""
+# Signals that stop a conversion like Ctrl-C does, so that its unfinished folder is removed on the way out.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 OVERRIDE_HELP = (
     "JSON object (inline, or the path of a .json file) merged over the released {what}; only needed for small "
@@ -27,13 +39,16 @@ OVERRIDE_HELP = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=(
+        description=textwrap.fill(
             "Convert the released ML-Mamba weights into a transformers model folder (config, sharded safetensors, "
             "processor and tokenizer, remote code, model card). Every tensor is checked: all model parameters "
-            "must be filled exactly once "
-            "from the sources and every source tensor must be used or on the documented drop list; otherwise the "
-            "command exits with status 1, lists every problem and writes nothing."
+            "must be filled exactly once from the sources, with finite values, and every source tensor must be "
+            "used or on the documented drop list; otherwise the command exits with status 1, lists every problem "
+            "and writes nothing.",
+            width=100,
         ),
+        epilog=EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--checkpoint", required=True, type=Path,
                         help="the released training checkpoint `latest-checkpoint.pt` (read with weights_only=True)")
@@ -66,8 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Stopped(BaseException):
+    """A stop signal arrived (raised from its handler, so that the conversion unwinds and cleans up)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def raise_stopped(signum, frame):
+    raise Stopped(signum)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    previous_handlers = {stop_signal: signal.signal(stop_signal, raise_stopped) for stop_signal in STOP_SIGNALS}
     try:
         output = convert(
             checkpoint=args.checkpoint,
@@ -87,6 +115,23 @@ def main(argv=None) -> int:
     except ConversionError as error:
         print(f"error: {error}\nNothing was written.", file=sys.stderr)
         return 1
+    except UploadError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
+    except (KeyboardInterrupt, Stopped) as stop:
+        signum = stop.signum if isinstance(stop, Stopped) else signal.SIGINT
+        name = signal.Signals(signum).name
+        # The output was absent or empty at the start and is filled by one final rename: if it holds files now,
+        # the interruption came during the upload.
+        if args.push_to_hub and args.output.is_dir() and any(args.output.iterdir()):
+            print(f"error: interrupted ({name}) while uploading; {args.output} was written completely but not "
+                  f"uploaded: upload it with `hf upload {args.push_to_hub} {args.output}`", file=sys.stderr)
+            return 3
+        print(f"error: interrupted ({name}). Nothing was written.", file=sys.stderr)
+        return 128 + signum
+    finally:
+        for stop_signal, handler in previous_handlers.items():
+            signal.signal(stop_signal, handler)
     print(f"Wrote {output}" + (f" and uploaded it to {args.push_to_hub}" if args.push_to_hub else ""))
     return 0
 

@@ -4,12 +4,14 @@ The scan orders (which way each direction walks the patches) and their inverses 
 and `inverse_orders`; the mixer, the tests and anything else that needs them call these two functions.
 """
 
+from typing import get_args
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .configuration_mlmamba import MLMambaConfig
+from .configuration_mlmamba import ConnectorScan, MLMambaConfig
 from .mamba2 import GatedRMSNorm, SSMDimensions, causal_conv, selective_scan
 
 
@@ -25,7 +27,7 @@ def scan_orders(scan: str, rows: int, cols: int, device=None) -> torch.Tensor:
     if scan == "cross":
         column_major = row_major.view(rows, cols).t().reshape(-1)
         return torch.stack([row_major, row_major.flip(0), column_major, column_major.flip(0)])
-    raise ValueError(f"unknown scan {scan!r}; expected 'bidirectional' or 'cross'")
+    raise ValueError(f"unknown scan {scan!r}; expected one of {get_args(ConnectorScan)}")
 
 
 def inverse_orders(orders: torch.Tensor) -> torch.Tensor:
@@ -119,6 +121,14 @@ class MLMambaConnectorBlock(GradientCheckpointingLayer):
         return hidden_states
 
 
+def num_scan_blocks(config: MLMambaConfig) -> int:
+    """The connector variants, by `connector_type`: the Mamba-2 Scan Connector (`msc`) runs `connector_num_layers`
+    scan blocks after `Linear + GELU`, the paper's `mlp` baseline none. Everything that depends on the variant
+    (the modules built, what a model card says) asks this function."""
+    blocks_per_type = {"msc": config.connector_num_layers, "mlp": 0}
+    return blocks_per_type[config.connector_type]
+
+
 class MLMambaConnector(nn.Module):
     """Vision features (B, patches, dino+siglip channels) -> (B, patches, connector_hidden_size).
 
@@ -129,7 +139,7 @@ class MLMambaConnector(nn.Module):
     def __init__(self, config: MLMambaConfig):
         super().__init__()
         self.input_proj = nn.Linear(config.vision_feature_size, config.connector_hidden_size)
-        num_layers = config.connector_num_layers if config.connector_type == "msc" else 0
+        num_layers = num_scan_blocks(config)
         self.layers = nn.ModuleList(MLMambaConnectorBlock(config) for _ in range(num_layers))
         self.norm_f = nn.LayerNorm(config.connector_hidden_size, eps=config.connector_norm_eps) if num_layers else None
 

@@ -5,6 +5,7 @@ token sequence, and the generation head. The connector lives in `connector.py`, 
 """
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ from .connector import MLMambaConnector, ScanDirection
 from .cuda_graphs import GenerationGraphs
 from .gemv import decode_linear
 from .mamba2 import CausalMamba2Mixer, GatedRMSNorm, Mamba2LanguageModel, RMSNorm
+from .saving import check_save_directory, save_aside
 
 # transformers up to 5.2x passes a Mamba cache as `cache_params`, later releases call it `cache`; the
 # language model's own output class tells us which name this installation uses.
@@ -75,20 +77,23 @@ class MLMambaVisionTower(nn.Module):
         return torch.cat([dino_patches, siglip_patches.to(dino_patches.dtype)], dim=-1)
 
 
+# The projector variants, by `projector_type`: (connector width, LM width) -> the layers, in order.
+PROJECTOR_LAYERS = {
+    "fused-gelu-mlp": lambda source, target: [  # the released model
+        nn.Linear(source, 4 * target), nn.GELU(), nn.Linear(4 * target, target), nn.GELU(), nn.Linear(target, target),
+    ],
+    "gelu-mlp": lambda source, target: [nn.Linear(source, target), nn.GELU(), nn.Linear(target, target)],
+    "linear": lambda source, target: [nn.Linear(source, target)],
+}
+
+
 class MLMambaProjector(nn.Module):
-    """Connector output -> LM embedding width. `fused-gelu-mlp` (released) is Linear-GELU-Linear-GELU-Linear."""
+    """Connector output -> LM embedding width, by one of the `PROJECTOR_LAYERS` variants."""
 
     def __init__(self, config: MLMambaConfig):
         super().__init__()
-        source, target = config.connector_hidden_size, config.text_config.hidden_size
-        if config.projector_type == "fused-gelu-mlp":
-            layers = [nn.Linear(source, 4 * target), nn.GELU(), nn.Linear(4 * target, target), nn.GELU(),
-                      nn.Linear(target, target)]
-        elif config.projector_type == "gelu-mlp":
-            layers = [nn.Linear(source, target), nn.GELU(), nn.Linear(target, target)]
-        else:
-            layers = [nn.Linear(source, target)]
-        self.layers = nn.Sequential(*layers)
+        make_layers = PROJECTOR_LAYERS[config.projector_type]
+        self.layers = nn.Sequential(*make_layers(config.connector_hidden_size, config.text_config.hidden_size))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.layers(hidden_states)
@@ -106,9 +111,15 @@ class MLMambaPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _is_stateful = True
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """Map every Auto class to the copied code in `config.json`, so the folder loads through any of them with
-        `trust_remote_code=True` (transformers writes only `AutoConfig` and the saved class's own)."""
+    def save_pretrained(self, save_directory, is_main_process: bool = True, *args, **kwargs):
+        """transformers' saving, made all-or-nothing: the files are written aside and moved into the folder only once
+        complete (`saving.py`), so an interrupted save leaves the previous one loadable; files it does not write
+        (processor, tokenizer, README) stay. A `save_directory` that is a file raises.
+
+        `config.json` also maps every Auto class to the copied code, so the folder loads through any of them with
+        `trust_remote_code=True` (transformers writes only `AutoConfig` and the saved class's own).
+        """
+        check_save_directory(save_directory)
         if self._auto_class is not None:
             module = type(self).__module__.rsplit(".", 1)[-1]
             self.config.auto_map = {
@@ -117,7 +128,18 @@ class MLMambaPreTrainedModel(PreTrainedModel):
                 "AutoModelForImageTextToText": f"{module}.MLMambaForConditionalGeneration",
                 "AutoModelForCausalLM": f"{module}.MLMambaForConditionalGeneration",
             }
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        # Ranks that write nothing, and distributed checkpoints (every rank writes its part), save in place.
+        if kwargs.get("distributed_checkpoint") or not self.should_save_on_this_rank(is_main_process):
+            return super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
+        if kwargs.get("push_to_hub"):
+            # transformers names the Hub repo after the folder it writes, here the hidden one; keep the real name.
+            kwargs.setdefault("repo_id", os.fspath(save_directory).split(os.path.sep)[-1])
+        parent = super()
+
+        def write(folder):
+            parent.save_pretrained(folder, is_main_process, *args, **kwargs)
+
+        save_aside(save_directory, write)
 
     def _init_weights(self, module):
         super()._init_weights(module)

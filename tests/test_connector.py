@@ -1,9 +1,19 @@
+from typing import get_args
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from modeling_mlmamba import MLMambaConfig
-from modeling_mlmamba.connector import MLMambaConnector, MultiScanMamba2Mixer, inverse_orders, scan_orders
+from modeling_mlmamba.configuration_mlmamba import ConnectorScan, ConnectorType, ProjectorType
+from modeling_mlmamba.connector import (
+    MLMambaConnector,
+    MultiScanMamba2Mixer,
+    inverse_orders,
+    num_scan_blocks,
+    scan_orders,
+)
+from modeling_mlmamba.modeling_mlmamba import PROJECTOR_LAYERS, MLMambaProjector
 from modeling_mlmamba.ssd import ssd_sequential
 
 ROWS, COLS = 3, 4  # a non-square grid catches row/column mix-ups
@@ -91,6 +101,7 @@ def test_multi_scan_mixer_matches_explicit_per_direction_loop(scan):
 
 
 def test_scan_orders_visit_every_patch_once_and_invert():
+    assert get_args(ConnectorScan) == ("bidirectional", "cross")
     for scan, count in [("bidirectional", 2), ("cross", 4)]:
         orders = scan_orders(scan, ROWS, COLS)
         assert orders.shape == (count, ROWS * COLS)
@@ -121,3 +132,32 @@ def test_connector_rejects_wrong_patch_count():
     connector = MLMambaConnector(grid_config("cross"))
     with pytest.raises(ValueError, match="expects 12 patches"):
         connector(torch.randn(1, 10, connector.input_proj.in_features))
+
+
+def test_variant_dispatch_covers_exactly_the_configurable_variants():
+    """Each variant table is keyed by the values its config field allows, no more and no fewer."""
+    blocks = {
+        connector_type: num_scan_blocks(MLMambaConfig.tiny(connector_type=connector_type, connector_num_layers=3))
+        for connector_type in get_args(ConnectorType)
+    }
+    assert blocks == {"mlp": 0, "msc": 3}
+    assert set(PROJECTOR_LAYERS) == set(get_args(ProjectorType))
+
+
+@pytest.mark.parametrize(
+    "projector_type, layers",
+    [
+        ("fused-gelu-mlp", [("Linear", 64, 256), "GELU", ("Linear", 256, 64), "GELU", ("Linear", 64, 64)]),
+        ("gelu-mlp", [("Linear", 64, 64), "GELU", ("Linear", 64, 64)]),
+        ("linear", [("Linear", 64, 64)]),
+    ],
+)
+def test_projector_variants_have_the_released_layer_layout(projector_type, layers):
+    """The layer order fixes the state-dict keys (`layers.0.weight`, ...) that released checkpoints use."""
+    projector = MLMambaProjector(MLMambaConfig.tiny(projector_type=projector_type))
+    described = [
+        (type(layer).__name__, layer.in_features, layer.out_features) if isinstance(layer, torch.nn.Linear)
+        else type(layer).__name__
+        for layer in projector.layers
+    ]
+    assert described == layers

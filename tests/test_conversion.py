@@ -6,6 +6,9 @@ math re-implemented in `original_mlmamba.py`.
 """
 
 import json
+import logging
+import os
+import signal
 import types
 from pathlib import Path
 
@@ -25,6 +28,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+import conversion.convert
+from conversion.convert import load_validated_model
 from conversion.convert_original_mlmamba import main
 from conversion.mapping import resample_position_embeddings
 from conversion.sources import build_config
@@ -233,10 +238,29 @@ def all_three(checkpoint):
     drop_key(checkpoint), add_key(checkpoint), transpose_projector(checkpoint)
 
 
+def nan_and_inf(checkpoint):
+    projector, backbone = checkpoint["projector"], checkpoint["llm_backbone"]
+    projector["projector.0.weight"] = projector["projector.0.weight"].clone()
+    projector["projector.0.weight"][:, 3] = torch.nan  # a whole column: 256 values
+    backbone["backbone.norm_f.weight"] = backbone["backbone.norm_f.weight"].clone()
+    backbone["backbone.norm_f.weight"][1] = -torch.inf
+
+
+def huge_value(checkpoint):
+    checkpoint["mlp"]["0.bias"] = checkpoint["mlp"]["0.bias"].clone()
+    checkpoint["mlp"]["0.bias"][0] = 1e6  # float16 reaches 65504
+
+
 MISSING = "model parameter model.connector.layers.1.mixer.directions.1.D has no source tensor"
 EXTRA = "checkpoint llm_backbone 'backbone.layers.0.mixer.extra_weight' (3,) is not used"
 SHAPE = ("model.projector.layers.2.weight (from checkpoint projector 'projector.2.weight') has shape (256, 64) but "
          "the model expects (64, 256)")
+NAN = ("model.projector.layers.0.weight (from checkpoint projector 'projector.0.weight') holds 256 NaN or infinite "
+       "value(s): the source is damaged")
+INF = ("model.language_model.norm_f.weight (from checkpoint llm_backbone 'backbone.norm_f.weight') holds 1 NaN or "
+       "infinite value(s)")
+OVERFLOW = ("model.connector.input_proj.bias (from checkpoint mlp '0.bias') has 1 value(s) beyond the range of "
+            "torch.float16 (largest magnitude 1e+06); choose --dtype float32 or bfloat16")
 
 
 @pytest.mark.parametrize(
@@ -254,9 +278,12 @@ SHAPE = ("model.projector.layers.2.weight (from checkpoint projector 'projector.
          ["the DINOv2 checkpoint", "is not a flat state dict of tensors"]),
         (lambda s, f: {"--connector-config": json.dumps({**TINY_FLAGS["--connector-config"], "image_token_id": 126})},
          ["the tokenizer does not fit the model", "maps <image> to id 127"]),
+        (lambda s, f: {"--checkpoint": corrupted_checkpoint(s, f, nan_and_inf)}, [NAN, INF]),
+        (lambda s, f: {"--checkpoint": corrupted_checkpoint(s, f, huge_value), "--dtype": "float16"}, [OVERFLOW]),
     ],
     ids=["missing-key", "extra-key", "wrong-shape", "three-at-once", "truncated-checkpoint", "truncated-timm-file",
-         "non-checkpoint-file", "checkpoint-as-timm-file", "placeholder-id-mismatch"],
+         "non-checkpoint-file", "checkpoint-as-timm-file", "placeholder-id-mismatch", "nan-and-inf",
+         "float16-overflow"],
 )
 def test_corrupted_inputs_fail_clearly_and_write_nothing(sources, tmp_path, capsys, make_input, messages):
     output = tmp_path / "out" / "ml-mamba"
@@ -267,6 +294,120 @@ def test_corrupted_inputs_fail_clearly_and_write_nothing(sources, tmp_path, caps
     assert "Nothing was written" in error
     assert not output.exists()
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def partial_folders(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.iterdir() if ".partial-" in path.name)
+
+
+def folder_contents(folder: Path) -> dict:
+    return {path.name: path.read_bytes() if path.is_file() else folder_contents(path) for path in folder.iterdir()}
+
+
+@pytest.fixture
+def inputs_never_read(monkeypatch):
+    """Fails the test if the conversion starts reading its inputs: argument checks must come first."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the conversion read its inputs before rejecting its arguments")
+
+    monkeypatch.setattr(conversion.convert, "read_run_config", refuse)
+
+
+def output_that_is_a_file(tmp_path, monkeypatch) -> Path:
+    (tmp_path / "ml-mamba").write_text("not a folder")
+    return tmp_path / "ml-mamba"
+
+
+def output_inside_a_file(tmp_path, monkeypatch) -> Path:
+    (tmp_path / "parent").write_text("not a folder")
+    return tmp_path / "parent" / "ml-mamba"
+
+
+def output_in_a_folder_refusing_writes(tmp_path, monkeypatch) -> Path:
+    """`tmp_path` behaves as a folder this user may not write (root writes anywhere, so a chmod would not do)."""
+    make_folder = Path.mkdir
+
+    def mkdir(path, *args, **kwargs):
+        if path.parent == tmp_path:
+            raise PermissionError(13, "Permission denied", str(path))
+        make_folder(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    return tmp_path / "ml-mamba"
+
+
+def free_output(tmp_path, monkeypatch) -> Path:
+    return tmp_path / "ml-mamba"
+
+
+@pytest.mark.parametrize(
+    "make_output, flags, message",
+    [
+        (output_that_is_a_file, {}, "already exists and is not an empty folder"),
+        (output_inside_a_file, {}, "cannot write next to the output"),
+        (output_in_a_folder_refusing_writes, {}, "cannot write next to the output"),
+        (free_output, {"--max-shard-size": "5 gigabytes"}, "--max-shard-size '5 gigabytes' is not a size"),
+        (free_output, {"--max-shard-size": "lots"}, "--max-shard-size 'lots' is not a size"),
+        (free_output, {"--max-shard-size": "0GB"}, "--max-shard-size '0GB' must be larger than zero"),
+    ],
+    ids=["output-is-a-file", "parent-is-a-file", "parent-not-writable", "unit-spelt-out", "no-number", "zero"],
+)
+def test_bad_output_or_shard_size_fails_before_any_input_is_read(sources, tmp_path, monkeypatch, capsys,
+                                                                  inputs_never_read, make_output, flags, message):
+    output = make_output(tmp_path, monkeypatch)
+    before = folder_contents(tmp_path)
+    assert main(cli_args(sources, output, **flags)) == 1
+    error = capsys.readouterr().err
+    assert message in error and "Nothing was written" in error
+    assert folder_contents(tmp_path) == before
+
+
+def test_partial_folder_of_a_killed_run_is_removed_with_a_notice(sources, tmp_path, caplog):
+    output = tmp_path / "ml-mamba"
+    stale = tmp_path / ".ml-mamba.partial-0123456789ab"
+    stale.mkdir()
+    (stale / "model-00001-of-00002.safetensors").write_bytes(b"half a shard")
+    other_output = tmp_path / ".other.partial-0123456789ab"
+    other_output.mkdir()
+    with caplog.at_level(logging.WARNING, logger="conversion.convert"):
+        assert main(cli_args(sources, output)) == 0
+    assert f"removing {stale}, the unfinished output of an earlier conversion that was killed" in caplog.text
+    assert partial_folders(tmp_path) == [other_output.name]
+    assert (output / "config.json").is_file()
+
+
+def interrupt_with(how):
+    """Wraps `load_validated_model`, the last step before writing, to be interrupted right after it."""
+    def interrupted(*args, **kwargs):
+        model = load_validated_model(*args, **kwargs)
+        if how == "SIGTERM":
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            raise KeyboardInterrupt
+        return model
+
+    return interrupted
+
+
+@pytest.mark.parametrize("how, status", [("SIGTERM", 143), ("Ctrl-C", 130)])
+def test_interrupted_conversion_removes_its_partial_folder(sources, tmp_path, monkeypatch, capsys, how, status):
+    handler = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(conversion.convert, "load_validated_model", interrupt_with(how))
+    output = tmp_path / "ml-mamba"
+    assert main(cli_args(sources, output)) == status
+    assert "interrupted" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is handler
+
+
+def test_failure_while_writing_removes_the_partial_folder(sources, tmp_path, monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(conversion.convert, "write_model_card", disk_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        main(cli_args(sources, tmp_path / "ml-mamba"))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_existing_output_is_left_alone(sources, tmp_path, capsys):
@@ -293,3 +434,36 @@ def test_push_to_hub_uploads_the_finished_folder(sources, tmp_path, monkeypatch)
     assert calls[0] == ("create", "someone/ml-mamba", {"exist_ok": True})
     assert calls[1][:2] == ("upload", "someone/ml-mamba")
     assert calls[1][2] == sorted(path.name for path in output.iterdir())
+
+
+def connection_lost(self, **kwargs):
+    raise ConnectionError("connection reset by peer")
+
+
+def interrupted_upload(self, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize(
+    "upload, message",
+    [
+        (connection_lost, "wrote {output}, but uploading it to someone/ml-mamba failed: ConnectionError: connection "
+                          "reset by peer; upload the folder again with `hf upload someone/ml-mamba {output}`"),
+        (interrupted_upload, "interrupted (SIGINT) while uploading; {output} was written completely but not uploaded: "
+                             "upload it with `hf upload someone/ml-mamba {output}`"),
+    ],
+    ids=["upload-fails", "upload-interrupted"],
+)
+def test_upload_that_fails_after_a_complete_write_exits_with_status_3(sources, tmp_path, monkeypatch, capsys,
+                                                                       upload, message):
+    from huggingface_hub import HfApi
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: None)
+    monkeypatch.setattr(HfApi, "upload_folder", upload)
+    output = tmp_path / "ml-mamba"
+    assert main(cli_args(sources, output, **{"--push-to-hub": "someone/ml-mamba"})) == 3
+    error = capsys.readouterr().err
+    assert message.format(output=output) in error
+    assert "Nothing was written" not in error
+    loaded = AutoModelForImageTextToText.from_pretrained(output)
+    assert torch.equal(loaded.lm_head.weight, sources.checkpoint["llm_backbone"]["backbone.embedding.weight"])

@@ -1,6 +1,7 @@
 """Conversion pieces that need no timm: the original checkpoint's key mapping, validation and the CLI surface."""
 
 import argparse
+import re
 
 import pytest
 import torch
@@ -110,6 +111,16 @@ def test_help_documents_every_flag(capsys):
     for flag in ("--checkpoint", "--run-config", "--dino", "--siglip", "--tokenizer", "--output", "--dtype",
                  "--push-to-hub", "--dino-config", "--siglip-config", "--text-config", "--connector-config"):
         assert flag in text
+
+
+def test_help_documents_every_exit_status(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    statuses = text[text.index("exit status:"):]
+    for status, meaning in [("0", "written"), ("1", "nothing was written"), ("2", "command line"),
+                            ("3", "the upload of --push-to-hub failed"), ("130", "Ctrl-C"), ("143", "SIGTERM")]:
+        assert re.search(rf"\b{status}\b.*{re.escape(meaning)}", statuses), status
 
 
 def test_image_placeholder_takes_the_tokenizers_id_or_the_first_free_one():

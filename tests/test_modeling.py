@@ -1,12 +1,17 @@
 import json
+import types
+from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 import torch.nn.functional as F
-from conftest import image_prompt, random_pixels, tiny_model
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+import transformers.modeling_utils
+from conftest import image_prompt, random_pixels, tiny_model, tiny_processor
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Dinov2Config, LlamaConfig, SiglipConfig
 
-from modeling_mlmamba import MLMambaConfig, MLMambaForConditionalGeneration, MLMambaModel
+from modeling_mlmamba import MLMambaConfig, MLMambaForConditionalGeneration, MLMambaModel, MLMambaProcessor
 
 
 def test_default_config_is_the_released_model():
@@ -42,6 +47,127 @@ def test_sub_configs_accept_objects_and_dicts():
 def test_inconsistent_config_is_rejected(overrides, message):
     with pytest.raises(ValueError, match=message):
         MLMambaConfig.tiny(**overrides)
+
+
+POSITIVE_INTEGER = "must be a positive integer"
+POSITIVE_NUMBER = "must be a positive number"
+
+
+@pytest.mark.parametrize(
+    "overrides, fragments",
+    [
+        ({"connector_num_layers": -1}, ["connector_num_layers", "-1", POSITIVE_INTEGER, "1 or more"]),
+        ({"connector_num_layers": "2"}, ["connector_num_layers", "'2'", POSITIVE_INTEGER]),
+        ({"text_config": {"num_hidden_layers": 0}}, ["text_config.num_hidden_layers", "got 0", POSITIVE_INTEGER]),
+        ({"connector_norm_eps": 0.0}, ["connector_norm_eps", "0.0", POSITIVE_NUMBER, "1e-5"]),
+        ({"connector_norm_eps": -1e-5}, ["connector_norm_eps", "-1e-05", POSITIVE_NUMBER]),
+        ({"text_config": {"layer_norm_epsilon": 0.0}}, ["text_config.layer_norm_epsilon", "0.0", POSITIVE_NUMBER]),
+        ({"dino_config": {"layer_norm_eps": -1e-6}}, ["dino_config.layer_norm_eps", "-1e-06", POSITIVE_NUMBER]),
+        ({"siglip_config": {"layer_norm_eps": 0.0}}, ["siglip_config.layer_norm_eps", "0.0", POSITIVE_NUMBER]),
+        ({"dino_config": {"patch_size": 0}}, ["dino_config.patch_size", "got 0", POSITIVE_INTEGER]),
+        ({"dino_config": {"patch_size": 70}, "siglip_config": {"patch_size": 70}},
+         ["dino_config.patch_size 70", "larger than its image_size 56", "at most the image_size"]),
+        ({"connector_chunk_size": 0}, ["connector_chunk_size", "got 0", POSITIVE_INTEGER]),
+        ({"text_config": {"chunk_size": -8}}, ["text_config.chunk_size", "-8", POSITIVE_INTEGER]),
+        ({"connector_hidden_size": 0}, ["connector_hidden_size", "got 0", POSITIVE_INTEGER]),
+        ({"connector_head_dim": 0}, ["connector_head_dim", "got 0", POSITIVE_INTEGER]),
+        ({"dino_config": {"hidden_size": -32}}, ["dino_config.hidden_size", "-32", POSITIVE_INTEGER]),
+        ({"connector_state_size": 0}, ["connector_state_size", "got 0", POSITIVE_INTEGER]),
+        ({"text_config": {"state_size": -16}}, ["text_config.state_size", "-16", POSITIVE_INTEGER]),
+        ({"connector_conv_kernel": 0}, ["connector_conv_kernel", "got 0", POSITIVE_INTEGER]),
+        ({"text_config": {"conv_kernel": 0}}, ["text_config.conv_kernel", "got 0", POSITIVE_INTEGER]),
+        ({"vision_feature_layer": 4}, ["vision_feature_layer 4", "dino_config's 3 layers", "-4 to 3", "both towers"]),
+        ({"vision_feature_layer": -5}, ["vision_feature_layer -5", "dino_config's 3 layers"]),
+        ({"vision_feature_layer": 3, "siglip_config": {"num_hidden_layers": 2}},
+         ["vision_feature_layer 3", "siglip_config's 2 layers", "-3 to 2"]),
+        ({"text_config": {"model_type": "llama", "num_hidden_layers": 2}},
+         ["text_config has model_type 'llama'", "needs 'mamba2'", "Mamba2Config"]),
+        ({"text_config": {"layer_norm_epsilon": 1}},
+         ["text_config is not a valid Mamba2Config", "layer_norm_epsilon", "expected float", "fix that entry"]),
+        ({"text_config": {"num_heads": 5}},
+         ["text_config is not a valid Mamba2Config", "num_heads * head_dim", "fix that entry"]),
+    ],
+)
+def test_invalid_values_are_rejected_naming_field_value_and_fix(overrides, fragments):
+    with pytest.raises(ValueError) as raised:
+        MLMambaConfig.tiny(**overrides)
+    for fragment in fragments:
+        assert fragment in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "name, config",
+    [("text_config", LlamaConfig()), ("dino_config", Dinov2Config()), ("siglip_config", SiglipConfig())],
+)
+def test_sub_config_of_another_model_type_is_rejected(name, config):
+    with pytest.raises(ValueError, match=rf"{name} is a {type(config).__name__} \(model_type '{config.model_type}'\)"):
+        MLMambaConfig.tiny(**{name: config})
+    with pytest.raises(TypeError, match=f"{name} must be a"):
+        MLMambaConfig.tiny(**{name: "mamba2"})
+
+
+def test_config_of_another_model_is_rejected():
+    with pytest.raises(ValueError, match="model_type is 'llama'"):
+        MLMambaConfig.from_dict(LlamaConfig(num_hidden_layers=2).to_dict())
+
+
+def test_misspelt_keyword_is_rejected_with_close_matches():
+    with pytest.raises(ValueError, match=r"unknown keyword\(s\) conector_type='mlp' \(did you mean connector_type"):
+        MLMambaConfig.tiny(conector_type="mlp")
+    with pytest.raises(ValueError, match=r"vison_feature_layer=-1 \(did you mean vision_feature_layer\?\)"):
+        MLMambaConfig.from_dict({**MLMambaConfig.tiny().to_dict(), "vison_feature_layer": -1})
+    with pytest.raises(ValueError, match=r"completely_unknown=1;"):
+        MLMambaConfig.tiny(completely_unknown=1)
+
+
+@pytest.mark.parametrize(
+    "keyword, value",
+    [
+        ("_name_or_path", "someone/model"), ("name_or_path", "someone/model"), ("architectures", ["MLMambaModel"]),
+        ("auto_map", {"AutoConfig": "configuration_mlmamba.MLMambaConfig"}), ("transformers_version", "5.0.0"),
+        ("torch_dtype", "bfloat16"), ("dtype", "float16"), ("output_hidden_states", True),
+        ("output_attentions", False), ("return_dict", False), ("pad_token_id", 0), ("bos_token_id", 0),
+        ("eos_token_id", 0), ("attn_implementation", "eager"), ("_attn_implementation", "sdpa"), ("num_labels", 3),
+        ("use_cache", False), ("max_length", 30), ("model_type", "mlmamba"), ("_commit_hash", "0" * 40),
+        ("quantization_config", {"quant_method": "bitsandbytes"}), ("transformers_weights", "model.safetensors"),
+    ],
+)
+def test_keywords_transformers_passes_through_are_accepted(keyword, value):
+    config = MLMambaConfig.tiny(**{keyword: value})
+    assert MLMambaConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()
+
+
+def test_unknown_key_from_another_transformers_version_is_kept_with_a_warning(tmp_path, caplog):
+    """A config.json written by another transformers version may hold that version's own new keys: the folder must
+    still load. Written by this version, the same key is a mistake."""
+    config = MLMambaConfig.tiny()
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "new_field": 1, "transformers_version": "99.0.0"}))
+    with caplog.at_level("WARNING"):
+        loaded = MLMambaConfig.from_pretrained(tmp_path)
+    assert loaded.new_field == 1
+    assert "new_field=1" in caplog.text and "transformers 99.0.0" in caplog.text
+    (tmp_path / "config.json").write_text(
+        json.dumps({**saved, "new_field": 1, "transformers_version": transformers.__version__})
+    )
+    with pytest.raises(ValueError, match="unknown keyword.*new_field=1"):
+        MLMambaConfig.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("layer", [-4, 0, 3])
+def test_every_hidden_state_of_both_towers_can_feed_the_connector(layer):
+    """The range the config accepts is exactly what the towers return: embeddings (0) to the last block."""
+    model = tiny_model(vision_feature_layer=layer)
+    features = model.get_image_features(random_pixels(1, model.config))
+    assert features.shape == (1, model.config.image_seq_length, model.config.text_config.hidden_size)
+
+
+def test_released_image_size_need_not_be_a_multiple_of_the_patch():
+    """384 px in 14 px patches: 27 x 27 patches, the last 6 pixel rows and columns unused, as in the released
+    towers, so such a config is valid."""
+    config = MLMambaConfig.tiny(dino_config={"image_size": 60}, siglip_config={"image_size": 60})
+    assert config.image_grid == (4, 4)
 
 
 def test_forward_shapes(model):
@@ -142,6 +268,134 @@ def test_save_and_load_roundtrip_is_bit_exact(model, tmp_path):
     torch.testing.assert_close(
         base.get_image_features(pixels), model.get_image_features(pixels), rtol=0, atol=0
     )
+
+
+class Killed(BaseException):
+    """Stands in for the process being killed: not an `Exception`, so nothing on the way may swallow it."""
+
+
+def folder_contents(folder: Path) -> dict:
+    return {path.name: path.read_bytes() if path.is_file() else folder_contents(path) for path in folder.iterdir()}
+
+
+def weight_files(folder: Path) -> dict:
+    return {name: data for name, data in folder_contents(folder).items() if ".safetensors" in name}
+
+
+def assert_same_weights(model, reference):
+    expected = reference.state_dict()
+    actual = model.state_dict()
+    assert actual.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(actual[name], tensor), name
+
+
+def test_interrupted_save_leaves_the_previous_save_loadable(tmp_path, monkeypatch):
+    old, new = tiny_model(seed=0), tiny_model(seed=1)
+    old.save_pretrained(tmp_path, max_shard_size="100KB")
+    tiny_processor(old.config).save_pretrained(tmp_path)
+    before = folder_contents(tmp_path)
+    assert len([name for name in before if name.endswith(".safetensors")]) > 2
+
+    shards_written = []
+
+    def killed_after_the_first_shard(tensors, filename, *args, **kwargs):
+        if shards_written:
+            raise Killed
+        shards_written.append(filename)
+        save_file(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", killed_after_the_first_shard)
+    with pytest.raises(Killed):
+        new.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert len(shards_written) == 1
+    assert folder_contents(tmp_path) == before  # byte for byte, and no hidden folder left behind
+    assert_same_weights(MLMambaForConditionalGeneration.from_pretrained(tmp_path), old)
+    assert not torch.equal(old.lm_head.weight, new.lm_head.weight)
+
+
+@pytest.mark.parametrize(
+    "first, second", [("1GB", "100KB"), ("100KB", "1GB"), ("100KB", "300KB")],
+    ids=["sharded-over-single-file", "single-file-over-sharded", "fewer-shards-over-more"],
+)
+def test_save_replaces_the_weights_and_keeps_every_other_file(tmp_path, first, second):
+    old, new = tiny_model(seed=0), tiny_model(seed=1)
+    folder = tmp_path / "model"
+    old.save_pretrained(folder, max_shard_size=first)
+    processor = tiny_processor(old.config)
+    processor.save_pretrained(folder)
+    (folder / "README.md").write_text("my notes")
+    (folder / "runs").mkdir()
+    (folder / "runs" / "events.log").write_text("step 1")
+    others = folder_contents(folder)
+
+    new.save_pretrained(folder, max_shard_size=second)
+    new.save_pretrained(tmp_path / "fresh", max_shard_size=second)
+    assert weight_files(folder) == weight_files(tmp_path / "fresh")  # no weight file of the old save is left
+    assert_same_weights(MLMambaForConditionalGeneration.from_pretrained(folder), new)
+    kept = folder_contents(folder)
+    for name in ("README.md", "runs", "processor_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert kept[name] == others[name]
+    assert MLMambaProcessor.from_pretrained(folder).image_token_id == processor.image_token_id
+    assert not [name for name in kept if name.startswith(".")]
+
+
+def test_save_on_a_process_that_does_not_write_changes_nothing(tmp_path):
+    """Distributed training calls save_pretrained on every rank; only the main one writes, the others must not
+    touch the folder (nor remove the weights that the main rank is replacing)."""
+    old, new = tiny_model(seed=0), tiny_model(seed=1)
+    old.save_pretrained(tmp_path)
+    before = folder_contents(tmp_path)
+    new.save_pretrained(tmp_path, is_main_process=False)
+    assert folder_contents(tmp_path) == before
+
+
+def test_save_onto_a_file_raises_and_leaves_it_alone(tmp_path, model):
+    path = tmp_path / "model"
+    path.write_text("not a folder")
+    with pytest.raises(ValueError, match=r"save_directory .*model' is a file, not a folder; pass the path of a folder"):
+        model.save_pretrained(path)
+    assert path.read_text() == "not a folder"
+    assert [entry.name for entry in tmp_path.iterdir()] == ["model"]
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """HfApi without a network: repositories are created on request, each commit's files are recorded."""
+    from huggingface_hub import HfApi, ModelCard
+    from huggingface_hub.errors import EntryNotFoundError
+
+    commits = []
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        commits.append((repo_id, {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations}))
+
+    def no_card_yet(repo_id, **kwargs):
+        raise EntryNotFoundError(f"{repo_id} has no README.md yet")
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: types.SimpleNamespace(repo_id=repo_id))
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    monkeypatch.setattr(ModelCard, "load", no_card_yet)
+    return commits
+
+
+def test_push_to_hub_uploads_a_complete_save(fake_hub, model):
+    model.push_to_hub("someone/tiny-mlmamba")
+    [(repo_id, files)] = fake_hub
+    assert repo_id == "someone/tiny-mlmamba"
+    assert {"config.json", "generation_config.json", "model.safetensors", "modeling_mlmamba.py", "saving.py",
+            "README.md"} <= files.keys()
+    assert not [name for name in files if name.startswith(".")]
+    uploaded = safetensors.torch.load(files["model.safetensors"])
+    assert torch.equal(uploaded["model.connector.input_proj.weight"], model.model.connector.input_proj.weight)
+
+
+def test_save_with_push_to_hub_names_the_repo_after_the_folder(fake_hub, model, tmp_path):
+    folder = tmp_path / "tiny-mlmamba"
+    model.save_pretrained(folder, push_to_hub=True)
+    [(repo_id, files)] = fake_hub
+    assert repo_id == "tiny-mlmamba"
+    assert files == folder_contents(folder)
 
 
 def test_lm_head_is_tied_to_embeddings(model):
