@@ -197,6 +197,7 @@ def check_padding(mask_rows: list[MaskRow], builds_cache: bool) -> bool:
                 f"attention_mask row {row} holds {stats.other_values} value(s) other than 0 and 1; it must mark "
                 "tokens with 1 and padding with 0 (an additive mask of 0 and -inf is not one)"
             )
+    for row, stats in enumerate(mask_rows):
         if stats.tokens == 0:
             raise ValueError(f"attention_mask row {row} is all zeros: prompt {row} has no tokens; drop it from the batch")
         if stats.runs > 1:

@@ -177,6 +177,10 @@ class MLMambaModel(MLMambaPreTrainedModel):
         pixel_values (`torch.FloatTensor` of shape `(images, 2, 3, height, width)`, *optional*):
             Each image normalised for DINOv2 (index 0) and for SigLIP (index 1); `MLMambaProcessor` makes them.
             Their features replace the `config.image_token_id` placeholders of the prompts, in order.
+        attention_mask (`torch.Tensor` of shape `(batch, length)`, *optional*):
+            1 for tokens, 0 for padding, which goes on the left (the processor's default). Padding on the right keeps
+            the tokens' own outputs exact (training, scoring), but the final state runs over it: such a batch builds
+            no cache unless asked, and is refused when asked. Padding between tokens is refused.
         cache / cache_params (`Cache`, *optional*):
             The recurrent state of the language model; `cache_params` is the name older transformers use.
         """
@@ -212,26 +216,21 @@ class MLMambaModel(MLMambaPreTrainedModel):
             **{CACHE_NAME: cache if use_cache else None},
         )
 
-    def check_input_layout(self, input_ids=None, inputs_embeds=None, pixel_values=None, attention_mask=None,
-                           covers_cache: bool = False) -> tuple[int, int]:
-        """Types, ranks and shapes of the inputs (tensor metadata only, no host sync); returns (batch, length)."""
-        batch, length = check_token_inputs(input_ids, inputs_embeds, self.config.text_config.hidden_size)
-        if pixel_values is not None:
-            check_pixel_values(pixel_values, self.vision_tower.image_size)
-        if attention_mask is not None:
-            check_attention_mask(attention_mask, batch, length, covers_cache)
-        return batch, length
-
     def check_inputs(self, input_ids=None, inputs_embeds=None, pixel_values=None, attention_mask=None, cache=None,
                      use_cache=None) -> bool:
         """Refuse bad inputs before any heavy work; returns whether a row is padded on the right.
 
-        The values (token ids, padding, placeholders) are read with one host sync. They are not read on a one-token
-        step that continues a cache (generate()'s decode step: its token came from the model) nor while a CUDA graph
-        captures the forward (no sync is allowed there; the graph seam calls this before each replay instead).
+        Types and shapes are read from tensor metadata; the values (token ids, padding, placeholders) with one host
+        sync, which is skipped on a one-token step that continues a cache (generate()'s decode step: its token came
+        from the model) and while a CUDA graph captures the forward (no sync is allowed there; the graph seam calls
+        this before any replay instead).
         """
         continuing = cache is not None and cache.has_previous_state(0)
-        _, length = self.check_input_layout(input_ids, inputs_embeds, pixel_values, attention_mask, continuing)
+        batch, length = check_token_inputs(input_ids, inputs_embeds, self.config.text_config.hidden_size)
+        if pixel_values is not None:
+            check_pixel_values(pixel_values, self.vision_tower.image_size)
+        if attention_mask is not None:
+            check_attention_mask(attention_mask, batch, length, covers_cache=continuing)
         tokens = input_ids if input_ids is not None else inputs_embeds
         capturing = tokens.is_cuda and torch.cuda.is_current_stream_capturing()
         if capturing or (continuing and length == 1 and pixel_values is None):
@@ -354,18 +353,19 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
             check_label_values(labels, self.config.text_config.vocab_size)
 
     def _prepare_model_inputs(self, inputs=None, bos_token_id=None, model_kwargs=None):
-        """transformers' own, then the layout of the prompt is checked before generate() reads it: a 1-D
-        attention_mask or a list of ids would otherwise fail inside generate(), and a mask of ones of the wrong
-        shape be dropped silently. The values are checked by the first forward. Without a prompt transformers
-        would start from BOS, which this model's tokenizer also uses as padding, masking it: refused."""
+        """transformers' own, then the prompt is checked as generate() received it: before transformers reads its
+        shapes (a 1-D attention_mask or a list of ids would fail inside generate()), drops a mask of ones (whatever
+        its shape) or repeats the rows (errors name the caller's rows). Padding on the right is refused even without
+        a cache, since generation continues from the last position. Without a prompt transformers would start from
+        BOS, which this model's tokenizer also uses as padding: refused too."""
         if inputs is None and all(model_kwargs.get(name) is None for name in ("input_ids", "inputs_embeds")):
             raise ValueError("generate() got no prompt; pass input_ids (with attention_mask and pixel_values, as the "
                              "processor returns them)")
         inputs, input_name, model_kwargs = super()._prepare_model_inputs(inputs, bos_token_id, model_kwargs)
         if input_name == "input_ids":
-            self.model.check_input_layout(
+            self.model.check_inputs(
                 input_ids=inputs, pixel_values=model_kwargs.get("pixel_values"),
-                attention_mask=model_kwargs.get("attention_mask"),
+                attention_mask=model_kwargs.get("attention_mask"), cache=model_kwargs.get(CACHE_NAME), use_cache=True,
             )
         return inputs, input_name, model_kwargs
 
