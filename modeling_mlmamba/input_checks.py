@@ -18,7 +18,9 @@ PADDING_FIX = "pad on the left: processor padding_side='left' (the processor's d
 
 def require_tensor(name: str, value, fix: str) -> None:
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__module__}.{type(value).__name__}; {fix}")
+        kind = type(value)
+        kind = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+        raise TypeError(f"{name} must be a torch.Tensor, got {kind}; {fix}")
 
 
 def check_token_inputs(input_ids, inputs_embeds, hidden_size: int) -> tuple[int, int]:
