@@ -3,11 +3,11 @@ the fix, instead of deep inside torch or, worse, not at all.
 
 Type, rank and shape checks read tensor metadata only. The checks of values (token ids inside the vocabulary,
 padding on the left only, image placeholders matching the images) need the values on the host: `InputValues`
-fetches all of them in one transfer, so a prefill or a training step pays one host sync, and generate()'s
-one-token decode steps, which skip these checks, pay none.
+fetches all of them in one transfer, so checking a prompt or a training batch costs one host sync (labels one
+more), and generate()'s one-token decode steps, which skip these checks, cost none.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -137,7 +137,7 @@ class MaskRow:
 
 @dataclass
 class InputValues:
-    """The values the checks read, fetched from the device in one transfer."""
+    """The values the checks read, fetched from the device in one transfer (the one host sync)."""
 
     placeholders_per_row: list[int]
     id_range: tuple[int, int] | None
@@ -161,14 +161,14 @@ class InputValues:
                 padded_placeholders=(placeholders & ~new_tokens).sum(1),
             )
         device = placeholders.device
-        flat = torch.cat([piece.reshape(-1).to(device=device, dtype=torch.long) for piece in pieces.values()])
+        host = torch.cat([piece.reshape(-1).to(device=device, dtype=torch.long) for piece in pieces.values()]).tolist()
         values, start = {}, 0
-        host = flat.tolist()  # the one host sync
         for name, piece in pieces.items():
-            values[name], start = host[start : start + piece.numel()], start + piece.numel()
+            values[name] = host[start : start + piece.numel()]
+            start += piece.numel()
         mask_rows = None
         if attention_mask is not None:
-            columns = ("tokens", "other_values", "runs", "ends_padded", "padded_placeholders")
+            columns = [field.name for field in fields(MaskRow)]
             mask_rows = [MaskRow(*row) for row in zip(*(values[name] for name in columns))]
         id_range = tuple(values["id_range"]) if "id_range" in values else None
         return cls(values["placeholders"], id_range, mask_rows)
@@ -201,7 +201,8 @@ def check_padding(mask_rows: list[MaskRow], builds_cache: bool) -> bool:
             )
     for row, stats in enumerate(mask_rows):
         if stats.tokens == 0:
-            raise ValueError(f"attention_mask row {row} is all zeros: prompt {row} has no tokens; drop it from the batch")
+            raise ValueError(f"attention_mask row {row} is all zeros: prompt {row} has no tokens; drop it from the "
+                             "batch")
         if stats.runs > 1:
             raise ValueError(
                 f"attention_mask row {row} has padding between tokens, which would change the recurrent state of "
