@@ -239,6 +239,12 @@ def check_image_placeholders(
                 "placeholders"
             )
         return
+    if total == 0 and num_images:
+        raise ValueError(
+            f"got pixel_values for {num_images} image(s) but the prompts have no image placeholder tokens (id "
+            f"{image_token_id}); put an image placeholder where each image goes (the processor expands each <image> "
+            "of the prompt, and the chat template adds one per image), or drop pixel_values"
+        )
     if total != num_images * image_seq_length:
         raise ValueError(
             f"the prompts have {total} image placeholder tokens but {num_images} image(s) give "

@@ -103,6 +103,11 @@ BAD_FORWARD_INPUTS = {
         dict(input_ids=IDS),
         ValueError, rf"{2 * PER_IMAGE} image placeholder tokens \(id {IMAGE}\) but no pixel_values",
     ),
+    "pixel_values for a prompt without placeholders": (
+        dict(input_ids=TEXT, pixel_values=PIXELS),
+        ValueError, rf"got pixel_values for 2 image\(s\) but the prompts have no image placeholder tokens "
+                    rf"\(id {IMAGE}\)",
+    ),
     "labels shorter than the ids": (
         dict(input_ids=IDS, pixel_values=PIXELS, labels=IDS[:, :-1]),
         ValueError, rf"labels have shape \(2, {LENGTH - 1}\) but the prompts have shape \(2, {LENGTH}\)",
@@ -233,6 +238,10 @@ BAD_GENERATE_INPUTS = {
     "placeholders without pixel_values": (
         dict(input_ids=IDS),
         ValueError, rf"{2 * PER_IMAGE} image placeholder tokens .* but no pixel_values",
+    ),
+    "pixel_values for a prompt without placeholders": (
+        dict(input_ids=TEXT, pixel_values=PIXELS),
+        ValueError, "got pixel_values for 2 image.* no image placeholder tokens",
     ),
     "more images than placeholders": (
         dict(input_ids=IDS, pixel_values=random_pixels(3, CONFIG)),
