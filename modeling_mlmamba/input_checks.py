@@ -70,6 +70,9 @@ def check_pixel_values(pixel_values, image_sizes: tuple[int, ...]) -> None:
             "pixel_values must have shape (images, 2, 3, height, width): one DINOv2- and one "
             f"SigLIP-normalised copy of each RGB image; got {tuple(pixel_values.shape)}"
         )
+    if pixel_values.shape[0] == 0:
+        raise ValueError(f"pixel_values holds no images (shape {tuple(pixel_values.shape)}); pass pixel_values=None "
+                         "for prompts without images")
     for tower_size in image_sizes:
         if pixel_values.shape[-2:] != (tower_size, tower_size):
             raise ValueError(

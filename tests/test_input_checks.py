@@ -95,6 +95,10 @@ BAD_FORWARD_INPUTS = {
         dict(input_ids=IDS, pixel_values=PIXELS[:, 0]),
         ValueError, r"pixel_values must have shape \(images, 2, 3, height, width\).*got \(2, 3, 56, 56\)",
     ),
+    "pixel_values of no images": (
+        dict(input_ids=TEXT, pixel_values=PIXELS[:0]),
+        ValueError, r"pixel_values holds no images \(shape \(0, 2, 3, 56, 56\)\); pass pixel_values=None",
+    ),
     "an image split across prompts": (
         dict(input_ids=SPLIT_IMAGE_IDS, pixel_values=PIXELS),
         ValueError, rf"prompt 0 has {3 * PER_IMAGE // 2} image placeholder tokens, not a multiple of {PER_IMAGE}",
