@@ -1,3 +1,5 @@
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -200,3 +202,14 @@ def test_pipeline_answers_chat_messages(model_and_processor):
     expected = greedy(model, processor(images=image, text=prompt, return_tensors="pt"))[0]
     assert answer["content"].strip() == processor.decode(expected, skip_special_tokens=True).strip()
     assert answer["content"].strip()
+
+
+def test_generate_from_several_threads_answers_as_one_at_a_time(model_and_processor):
+    """The input checks and the per-prompt image expansion keep no state on the model, so concurrent calls (a
+    server's worker threads) cannot see each other's inputs."""
+    model, processor = model_and_processor
+    inputs = each_sample_alone(processor)
+    with ThreadPoolExecutor(max_workers=len(inputs)) as pool:
+        answers = list(pool.map(lambda sample: greedy(model, sample, num_beams=2, num_return_sequences=2), inputs))
+    for index, (answer, sample) in enumerate(zip(answers, inputs)):
+        assert torch.equal(answer, greedy(model, sample, num_beams=2, num_return_sequences=2)), f"sample {index}"
