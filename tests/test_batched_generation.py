@@ -124,10 +124,11 @@ def test_beam_search_scores_every_beam_with_its_own_prompts_images(model_and_pro
         length_penalty=0.0, eos_token_id=None, return_dict_in_generate=True, output_scores=True,
     )
     answers = output.sequences[:, batch["input_ids"].shape[1] :]
+    alone = each_sample_alone(processor)
     for row, answer in enumerate(answers):
-        inputs = each_sample_alone(processor)[row // beams]
-        torch.testing.assert_close(output.sequences_scores[row], answer_log_probability(model, inputs, answer),
-                                   rtol=1e-4, atol=1e-4, msg=f"sample {row // beams}, beam {row % beams}")
+        expected = answer_log_probability(model, alone[row // beams], answer)
+        torch.testing.assert_close(output.sequences_scores[row], expected, rtol=1e-4, atol=1e-4,
+                                   msg=f"sample {row // beams}, beam {row % beams}")
 
 
 @pytest.mark.parametrize("assistance", ["assistant_model", "prompt_lookup_num_tokens"])
