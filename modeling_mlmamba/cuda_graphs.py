@@ -164,7 +164,8 @@ class GenerationGraphs:
               **other_inputs) -> str | None:
         """"decode" or "prefill" when a graph can serve this forward call, else None (it runs eagerly).
 
-        Graphs serve inference of input ids with a cache on a graph device, asking for nothing beyond the logits:
+        Graphs serve inference of input ids (batch, length) with a cache on a graph device (other inputs run eagerly,
+        where the model's checks refuse them clearly), asking for nothing beyond the logits:
         any other argument that is set declines, so a new forward argument can never slip past. A decode step is
         one token continuing the cache, without images; a prefill is `generate()`'s first call (empty cache, last
         logits only).
@@ -172,7 +173,7 @@ class GenerationGraphs:
         if (
             self.running
             or not model.config.use_cuda_graphs
-            or input_ids is None
+            or not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2
             or input_ids.device.type not in model.cuda_graph_devices
             or cache is None
             or model.training
@@ -199,8 +200,10 @@ class GenerationGraphs:
         """Last-position logits (batch, 1, vocab) of a prompt, its final states stored in the empty `cache`; or None
         the first time a prompt shape is seen (the caller then runs eagerly).
 
-        The graph records `model(...)` itself with a fresh cache; image placeholders are checked before each
-        replay, since the check (a host sync) is skipped inside a capture."""
+        The graph records `model(...)` itself with a fresh cache; the inputs are checked here, before any replay, since
+        the checks of their values (a host sync) are skipped inside a capture."""
+        model.model.check_inputs(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                                 cache=cache)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         pixels = None if pixel_values is None else (tuple(pixel_values.shape), pixel_values.dtype)
@@ -210,7 +213,6 @@ class GenerationGraphs:
             if len(self.seen_prompts) > 4 * MAX_PREFILL_GRAPHS:
                 self.seen_prompts.popitem(last=False)
             return None
-        model.model.check_image_placeholders(model.model.image_placeholder_mask(input_ids, None), pixel_values, cache)
         self._check_weights(model, cache, input_ids.device)
         call = self.prefill_graphs.get(key)
         if call is None:

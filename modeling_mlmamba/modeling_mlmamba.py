@@ -18,6 +18,10 @@ from .configuration_mlmamba import MLMambaConfig
 from .connector import MLMambaConnector, ScanDirection
 from .cuda_graphs import GenerationGraphs
 from .gemv import decode_linear
+from .input_checks import (
+    InputValues, check_attention_mask, check_image_placeholders, check_label_values, check_labels,
+    check_logits_to_keep, check_padding, check_pixel_values, check_token_ids, check_token_inputs,
+)
 from .mamba2 import CausalMamba2Mixer, GatedRMSNorm, Mamba2LanguageModel, RMSNorm
 from .saving import check_save_directory, save_aside
 
@@ -57,17 +61,7 @@ class MLMambaVisionTower(nn.Module):
         self.image_size = (config.dino_config.image_size, config.siglip_config.image_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if pixel_values.ndim != 5 or pixel_values.shape[1:3] != (2, 3):
-            raise ValueError(
-                "pixel_values must have shape (images, 2, 3, height, width): one DINOv2- and one "
-                f"SigLIP-normalised copy of each RGB image; got {tuple(pixel_values.shape)}"
-            )
-        for tower_size in self.image_size:
-            if pixel_values.shape[-2:] != (tower_size, tower_size):
-                raise ValueError(
-                    f"pixel_values are {tuple(pixel_values.shape[-2:])} pixels but the vision towers expect "
-                    f"{tower_size}x{tower_size}; resize the images (the processor does this)"
-                )
+        check_pixel_values(pixel_values, self.image_size)
         trainable = any(p.requires_grad for p in self.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
             dino = self.dino(pixel_values[:, 0].to(self.dino.dtype), output_hidden_states=True)
@@ -205,17 +199,19 @@ class MLMambaModel(MLMambaPreTrainedModel):
         pixel_values (`torch.FloatTensor` of shape `(images, 2, 3, height, width)`, *optional*):
             Each image normalised for DINOv2 (index 0) and for SigLIP (index 1); `MLMambaProcessor` makes them.
             Their features replace the `config.image_token_id` placeholders of the prompts, in order.
+        attention_mask (`torch.Tensor` of shape `(batch, length)`, *optional*):
+            1 for tokens, 0 for padding, which goes on the left (the processor's default). Padding on the right keeps
+            the tokens' own outputs exact (training, scoring), but the final state runs over it: such a batch builds
+            no cache unless asked, and is refused when asked. Padding between tokens is refused.
         cache / cache_params (`Cache`, *optional*):
             The recurrent state of the language model; `cache_params` is the name older transformers use.
         """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
         cache = cache if cache is not None else cache_params
+        right_padded = self.check_inputs(input_ids, inputs_embeds, pixel_values, attention_mask, cache, use_cache)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
         placeholders = self.image_placeholder_mask(input_ids, inputs_embeds)
-        self.check_image_placeholders(placeholders, pixel_values, cache)
         image_features = None
         if pixel_values is not None:
             # Image after image, into the placeholder positions of the sequence.
@@ -223,7 +219,10 @@ class MLMambaModel(MLMambaPreTrainedModel):
             mask = placeholders[..., None].expand_as(inputs_embeds)
             inputs_embeds = inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))
 
-        use_cache = use_cache if use_cache is not None else (self.config.text_config.use_cache and not self.training)
+        # A right-padded batch (fine for scoring) builds no cache unless asked: its final state ran over the padding.
+        use_cache = use_cache if use_cache is not None else (
+            self.config.text_config.use_cache and not self.training and not right_padded
+        )
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config.text_config)
         last_hidden_state, hidden_states = self.language_model(
@@ -239,25 +238,35 @@ class MLMambaModel(MLMambaPreTrainedModel):
             **{CACHE_NAME: cache if use_cache else None},
         )
 
-    def check_image_placeholders(self, placeholders, pixel_values, cache) -> None:
-        """Every image needs exactly `image_seq_length` placeholder positions. This is a host sync, so it is skipped
-        while a CUDA graph captures the forward; the graph seam checks before each replay instead."""
-        if placeholders.is_cuda and torch.cuda.is_current_stream_capturing():
-            return
-        num_placeholders = int(placeholders.sum())
-        if pixel_values is None:
-            if num_placeholders and cache is None:
-                raise ValueError(
-                    f"the prompt has {num_placeholders} image placeholder tokens but no pixel_values were given"
-                )
-            return
-        num_images, per_image = pixel_values.shape[0], self.config.image_seq_length
-        if num_placeholders != num_images * per_image:
-            raise ValueError(
-                f"the prompts have {num_placeholders} image placeholder tokens but {num_images} image(s) give "
-                f"{num_images * per_image} image features ({per_image} per image); the processor expands each "
-                "placeholder to exactly that many tokens"
-            )
+    def check_inputs(self, input_ids=None, inputs_embeds=None, pixel_values=None, attention_mask=None, cache=None,
+                     use_cache=None) -> bool:
+        """Refuse bad inputs before any heavy work; returns whether a row is padded on the right.
+
+        Types and shapes are read from tensor metadata; the values (token ids, padding, placeholders) with one host
+        sync, which is skipped on a one-token step that continues a cache (generate()'s decode step: its token came
+        from the model) and while a CUDA graph captures the forward (no sync is allowed there; the graph seam calls
+        this before any replay instead).
+        """
+        continuing = cache is not None and cache.has_previous_state(0)
+        batch, length = check_token_inputs(input_ids, inputs_embeds, self.config.text_config.hidden_size)
+        if pixel_values is not None:
+            check_pixel_values(pixel_values, self.vision_tower.image_size)
+        if attention_mask is not None:
+            check_attention_mask(attention_mask, batch, length, covers_cache=continuing)
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        capturing = tokens.is_cuda and torch.cuda.is_current_stream_capturing()
+        if capturing or (continuing and length == 1 and pixel_values is None):
+            return False
+        values = InputValues.fetch(input_ids, self.image_placeholder_mask(input_ids, inputs_embeds), attention_mask)
+        if values.id_range is not None:
+            check_token_ids(values.id_range, self.get_input_embeddings().num_embeddings)
+        check_image_placeholders(
+            values.placeholders_per_row, None if pixel_values is None else pixel_values.shape[0],
+            self.config.image_seq_length, self.config.image_token_id, continuing,
+        )
+        if values.mask_rows is None:
+            return False
+        return check_padding(values.mask_rows, builds_cache=use_cache if use_cache is not None else cache is not None)
 
 
 class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
@@ -325,6 +334,7 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
         if logits is not None:
             return MLMambaCausalLMOutput(logits=logits, **{CACHE_NAME: cache})
 
+        self.check_head_inputs(input_ids, inputs_embeds, labels, logits_to_keep)
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -355,6 +365,55 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
             image_hidden_states=outputs.image_hidden_states,
             **{CACHE_NAME: outputs[CACHE_NAME] if CACHE_NAME in outputs else None},
         )
+
+    def check_head_inputs(self, input_ids, inputs_embeds, labels, logits_to_keep) -> None:
+        """What the head adds to the model's inputs: labels aligned with the prompts, inside the vocabulary."""
+        check_logits_to_keep(logits_to_keep)
+        if labels is not None:
+            batch, length = check_token_inputs(input_ids, inputs_embeds, self.config.text_config.hidden_size)
+            check_labels(labels, batch, length)
+            check_label_values(labels, self.config.text_config.vocab_size)
+
+    def _prepare_model_inputs(self, inputs=None, bos_token_id=None, model_kwargs=None):
+        """transformers' own, then the prompt is checked as generate() received it: before transformers reads its
+        shapes (a 1-D attention_mask or a list of ids would fail inside generate()), drops a mask of ones (whatever
+        its shape) or repeats the rows (errors name the caller's rows). Padding on the right is refused even without
+        a cache, since generation continues from the last position. Without a prompt transformers would start from
+        BOS, which this model's tokenizer also uses as padding: refused too."""
+        if inputs is None and all(model_kwargs.get(name) is None for name in ("input_ids", "inputs_embeds")):
+            raise ValueError("generate() got no prompt; pass input_ids (with attention_mask and pixel_values, as the "
+                             "processor returns them)")
+        inputs, input_name, model_kwargs = super()._prepare_model_inputs(inputs, bos_token_id, model_kwargs)
+        if input_name == "input_ids":
+            self.model.check_inputs(
+                input_ids=inputs, pixel_values=model_kwargs.get("pixel_values"),
+                attention_mask=model_kwargs.get("attention_mask"), cache=model_kwargs.get(CACHE_NAME), use_cache=True,
+            )
+        return inputs, input_name, model_kwargs
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """transformers repeats each input row by row, `expand_size` times (beam search, several return sequences).
+        That suits tensors with one row per prompt, but `pixel_values` has one row per image: a prompt with images
+        a and b would get a, a, b, b. Each copy of a prompt needs that prompt's whole group of images: a, b, a, b."""
+        pixel_values = model_kwargs.pop("pixel_values", None)
+        if pixel_values is not None and expand_size > 1:
+            pixel_values = self.repeat_images_per_prompt(input_ids, pixel_values, expand_size)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        if pixel_values is not None:
+            model_kwargs["pixel_values"] = pixel_values
+        return input_ids, model_kwargs
+
+    def repeat_images_per_prompt(self, input_ids, pixel_values, repeats: int) -> torch.Tensor:
+        """The images of prompts that are each repeated `repeats` times in a row: every copy of a prompt gets its
+        prompt's images, in order. Prompts own images by their placeholders (one host sync per generate() call)."""
+        check_pixel_values(pixel_values, self.model.vision_tower.image_size)
+        per_prompt = self.model.image_placeholder_mask(input_ids, None).sum(1).tolist()
+        seq_length = self.config.image_seq_length
+        check_image_placeholders(per_prompt, pixel_values.shape[0], seq_length, self.config.image_token_id, False)
+        groups = pixel_values.split([count // seq_length for count in per_prompt])
+        return torch.cat([group for group in groups for _ in range(repeats)])
 
     def prepare_inputs_for_generation(self, input_ids, is_first_iteration=False, **kwargs):
         """After the first step the prompt and its images live in the recurrent state: decode steps take only the
