@@ -20,7 +20,8 @@ from peft import get_peft_model
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 from modeling_mlmamba import write_model_card
-from modeling_mlmamba.lora import lora_config
+from modeling_mlmamba.lora import lora_config, qlora_model_and_processor
+from modeling_mlmamba.quantization import QUANTIZATION_FORMATS
 from modeling_mlmamba.training import LlavaConversationDataset
 
 # examples/ is not a package: run as a script (python, accelerate launch, torchrun), this folder is on sys.path.
@@ -35,6 +36,11 @@ class LoraArguments:
     lora_rank: int = field(default=16, metadata={"help": "Rank of each adapter."})
     lora_alpha: float = field(default=32, metadata={"help": "Adapter scale: updates are multiplied by alpha / rank."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapters' inputs in training."})
+    quantization: str | None = field(
+        default=None, metadata={"help": "QLoRA: train the adapters on the language model loaded in this format "
+                                        "(needs --model_name_or_path); the flag alone means bnb-nf4.",
+                                "choices": sorted(QUANTIZATION_FORMATS), "nargs": "?", "const": "bnb-nf4"}
+    )
     merge: bool = field(
         default=False, metadata={"help": "Also write the model with the adapters merged in to OUTPUT_DIR/merged."}
     )
@@ -61,7 +67,10 @@ def main(argv: list[str] | None = None) -> Trainer:
     set_seed(training_args.seed)
 
     dataset = LlavaConversationDataset(data_args.data_file, data_args.image_folder)
-    model, processor = build_model_and_processor(model_args)
+    if lora_args.quantization is None:
+        model, processor = build_model_and_processor(model_args)
+    else:
+        model, processor = qlora_model_and_processor(model_args.model_name_or_path, lora_args.quantization)
     model = get_peft_model(model, lora_config(lora_args.lora_rank, lora_args.lora_alpha, lora_args.lora_dropout))
     trainer = train(model, processor, dataset, training_args, data_args.max_length,
                     checkpoint=training_args.resume_from_checkpoint)
