@@ -30,6 +30,8 @@ except ImportError:
     Float8Tensor = Int8Tensor = None
 
 HALF_PRECISION = (torch.bfloat16, torch.float16)
+# Devices whose tensors the Triton kernel takes.
+KERNEL_DEVICES = ("cuda",)
 
 if triton is not None:
 
@@ -90,7 +92,7 @@ def gemv_operands(module: nn.Module, x: torch.Tensor):
     plain and of the row's dtype, or a torchao layout that `rowwise_quantized` accepts and whose dtype is the row's."""
     if (
         triton is None
-        or not x.is_cuda
+        or x.device.type not in KERNEL_DEVICES
         or x.ndim != 2
         or x.shape[0] != 1
         or x.dtype not in HALF_PRECISION
