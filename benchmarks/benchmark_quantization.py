@@ -8,10 +8,15 @@ quantization_config=...)`, as a user would. Per format:
     greedy, plain `generate()`; (128 - 1) / (t(128 tokens) - t(1 token)), medians of 3 after a warm-up;
   * against bf16 on the same prompt: the greedy tokens that agree (positions, and the length of the common
     prefix) and the largest absolute / relative error of the last-position logits.
-Prints a table last and writes everything to --json.
+Every model loads in bf16. Prints a table last and writes everything to --json.
+
+With --shapes-vqa it measures quality instead, on any device (a CPU too): per question type, the exact match of the
+embedded default model (`modeling_mlmamba.DEFAULT_MODEL`, saved in float32) on every question of the held-out
+shapes-vqa scenes, unquantized and in each format.
 
     python benchmarks/benchmark_quantization.py --json quantization.json
-    python benchmarks/benchmark_quantization.py --formats bf16 torchao-int8 --json quick.json
+    python benchmarks/benchmark_quantization.py --formats torchao-int8 torchao-float8 --json quick.json
+    python benchmarks/benchmark_quantization.py --shapes-vqa --device cpu --formats torchao-int8 --json quality.json
 """
 
 import argparse
@@ -28,51 +33,54 @@ import time
 import torch
 import transformers
 
-from modeling_mlmamba import MLMambaConfig, MLMambaForConditionalGeneration
+from modeling_mlmamba import DEFAULT_MODEL, MLMambaConfig, MLMambaForConditionalGeneration, MLMambaProcessor
 from modeling_mlmamba.quantization import QUANTIZATION_FORMATS, graph_capturable, quantization_config
+from modeling_mlmamba.shapes_vqa import EVAL_IMAGES, EVAL_SEED, evaluate
 
-BASELINE = "bf16"
+BASELINE = "unquantized"
 IMAGE_TOKENS = 729
 TEXT_TOKENS = 31
 
 
-def check_formats(formats: list[str]) -> None:
-    """Stop before any work when a format is unknown, its library is missing, or the GPU cannot run it."""
+def check_formats(formats: list[str], device: torch.device) -> None:
+    """Stop before any work when a format's library is missing or the GPU cannot run it."""
     for name in formats:
         if name == BASELINE:
             continue
         try:
             quantization_config(name)
-        except (ImportError, ValueError) as error:
+        except ImportError as error:
             sys.exit(f"--formats {name}: {error}")
-        if name == "torchao-float8-dynamic" and torch.cuda.get_device_capability() < (8, 9):
-            sys.exit(f"--formats {name}: float8 matmuls need CUDA compute capability >= 8.9, this GPU has "
-                     f"{torch.cuda.get_device_capability()}")
+        if name == "torchao-float8-dynamic" and (
+            device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9)
+        ):
+            sys.exit(f"--formats {name}: float8 matmuls need a CUDA GPU of compute capability >= 8.9; "
+                     f"--device is {device}")
 
 
-def save_random_model(folder: str, config: MLMambaConfig) -> None:
+def save_random_model(folder: str, config: MLMambaConfig, device: torch.device) -> None:
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with device:
         model = MLMambaForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(folder)
 
 
-def load(folder: str, name: str):
+def load(folder: str, name: str, device: torch.device):
     config = None if name == BASELINE else quantization_config(name)
     model = MLMambaForConditionalGeneration.from_pretrained(
-        folder, quantization_config=config, dtype=torch.bfloat16, device_map="cuda"
+        folder, quantization_config=config, dtype=torch.bfloat16, device_map=device
     )
     model.model.vision_tower.dino.set_attn_implementation("sdpa")
     model.model.vision_tower.siglip.set_attn_implementation("sdpa")
     return model.eval()
 
 
-def fixed_prompt(config: MLMambaConfig) -> dict:
+def fixed_prompt(config: MLMambaConfig, device: torch.device) -> dict:
     generator = torch.Generator().manual_seed(0)
     text = torch.randint(1, config.image_token_id - 1, (1, TEXT_TOKENS), generator=generator)
-    ids = torch.cat([torch.full((1, IMAGE_TOKENS), config.image_token_id), text], dim=1).cuda()
+    ids = torch.cat([torch.full((1, IMAGE_TOKENS), config.image_token_id), text], dim=1).to(device)
     size = config.dino_config.image_size
-    pixels = torch.randn(1, 2, 3, size, size, generator=generator).to("cuda", torch.bfloat16)
+    pixels = torch.randn(1, 2, 3, size, size, generator=generator).to(device, torch.bfloat16)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
 
 
@@ -93,15 +101,16 @@ def median_time(fn, repeats: int) -> tuple[float, torch.Tensor]:
     return statistics.median(times), result
 
 
-def measure(folder: str, name: str, new_tokens: int, repeats: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
+def measure(folder: str, name: str, device: torch.device, new_tokens: int, repeats: int):
     """One format's numbers, its greedy tokens and its last-position logits on the fixed prompt."""
+    torch.cuda.set_device(device)
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    model = load(folder, name)
+    model = load(folder, name, device)
     torch.cuda.synchronize()
     load_peak = torch.cuda.max_memory_allocated()
-    prompt = fixed_prompt(model.config)
+    prompt = fixed_prompt(model.config, device)
     for _ in range(2):  # the second call of a prompt shape captures its prefill graph
         generate(model, prompt, 2)
     torch.cuda.reset_peak_memory_stats()
@@ -112,7 +121,7 @@ def measure(folder: str, name: str, new_tokens: int, repeats: int) -> tuple[dict
         logits = model(**prompt, logits_to_keep=1).logits[0, -1].float()
     result = {
         "format": name,
-        "stored": "bf16 weights" if name == BASELINE else QUANTIZATION_FORMATS[name].stored,
+        "stored": "bf16" if name == BASELINE else QUANTIZATION_FORMATS[name].stored,
         "model_memory_gib": model.get_memory_footprint() / 2**30,
         "load_peak_gib": load_peak / 2**30,
         "generate_peak_gib": generate_peak / 2**30,
@@ -136,9 +145,12 @@ def compare(result: dict, tokens, logits, baseline_tokens, baseline_logits, base
 
 def table(results: list[dict]) -> str:
     header = (f"{'format':<24}{'model GiB':>10}{'load peak':>10}{'gen peak':>10}{'graphs':>8}{'decode tok/s':>14}"
-              f"{'vs bf16':>9}{'agree':>8}{'prefix':>8}{'max |dlogit|':>14}{'rel':>9}")
+              f"{'speedup':>9}{'agree':>8}{'prefix':>8}{'max |dlogit|':>14}{'rel':>9}")
     rows = [header, "-" * len(header)]
     for r in results:
+        if "error" in r:
+            rows.append(f"{r['format']:<24}  {r['error']}")
+            continue
         rows.append(
             f"{r['format']:<24}{r['model_memory_gib']:>10.2f}{r['load_peak_gib']:>10.2f}{r['generate_peak_gib']:>10.2f}"
             f"{'yes' if r['cuda_graphs'] else 'no':>8}{r['decode_tokens_per_s']:>14.1f}{r['decode_speedup']:>8.2f}x"
@@ -148,39 +160,86 @@ def table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def shapes_vqa_scores(name: str, device: torch.device) -> dict:
+    """Exact match (%) per question type of the embedded default model in format `name`."""
+    config = None if name == BASELINE else quantization_config(name, compute_dtype=torch.float32)
+    model = MLMambaForConditionalGeneration.from_pretrained(
+        DEFAULT_MODEL, quantization_config=config, device_map=device
+    ).eval()
+    scores = evaluate(model, MLMambaProcessor.from_pretrained(DEFAULT_MODEL), num_images=EVAL_IMAGES, seed=EVAL_SEED)
+    return {"format": name, **{kind: 100 * score for kind, score in scores.items()}}
+
+
+def scores_table(results: list[dict]) -> str:
+    kinds = [key for key in results[0] if key != "format"]
+    rows = [f"{'format':<24}" + "".join(f"{kind:>9}" for kind in kinds)]
+    for r in results:
+        cells = f"  {r['error']}" if "error" in r else "".join(f"{r[kind]:>9.1f}" for kind in kinds)
+        rows.append(f"{r['format']:<24}{cells}")
+    return "\n".join(rows)
+
+
+def environment(device: torch.device) -> dict:
+    versions = {library: importlib.import_module(library).__version__ for library in ("bitsandbytes", "torchao", "triton")
+                if importlib.util.find_spec(library) is not None}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return {"device": name, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, **versions}
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--formats", nargs="+", default=[BASELINE, *QUANTIZATION_FORMATS],
-                        choices=[BASELINE, *QUANTIZATION_FORMATS], help="bf16 is always measured first, as the "
-                        "reference.")
+    parser.add_argument("--formats", nargs="+", default=list(QUANTIZATION_FORMATS), choices=list(QUANTIZATION_FORMATS),
+                        help="The unquantized model is always measured first, as the reference.")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--shapes-vqa", action="store_true", help="Measure the default model's exact match instead.")
+    parser.add_argument("--device", default="cuda", help="A torch device; only --shapes-vqa runs on a CPU.")
     parser.add_argument("--json", required=True, help="Where to write the results.")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("this benchmark needs a CUDA GPU")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"--device {args.device}: no CUDA GPU is available")
+    if not args.shapes_vqa and device.type != "cuda":
+        sys.exit(f"--device {args.device}: the speed benchmark needs a CUDA GPU (only --shapes-vqa runs elsewhere)")
     if args.new_tokens < 2 or args.repeats < 1:
         sys.exit(f"--new-tokens must be >= 2 and --repeats >= 1; got {args.new_tokens} and {args.repeats}")
-    formats = [BASELINE, *[name for name in args.formats if name != BASELINE]]
-    check_formats(formats)
+    formats = [BASELINE, *args.formats]
+    check_formats(formats, device)
+
+    if args.shapes_vqa:
+        results = []
+        for name in formats:
+            try:
+                results.append(shapes_vqa_scores(name, device))
+            except Exception as error:  # recorded in the table and the JSON; the other formats still run
+                results.append({"format": name, "error": f"{type(error).__name__}: {error}"})
+            print(json.dumps(results[-1]), flush=True)
+        with open(args.json, "w") as file:
+            json.dump({"environment": environment(device), "images": EVAL_IMAGES, "seed": EVAL_SEED,
+                       "results": results}, file, indent=2)
+        print(scores_table(results))
+        return results
 
     with tempfile.TemporaryDirectory() as folder:
-        save_random_model(folder, MLMambaConfig())
+        save_random_model(folder, MLMambaConfig(), device)
         results = []
-        for name in formats:  # bf16 first: every other format is compared with it
-            result, tokens, logits = measure(folder, name, args.new_tokens, args.repeats)
-            if name == BASELINE:
-                baseline, baseline_tokens, baseline_logits = result, tokens, logits
-            compare(result, tokens, logits, baseline_tokens, baseline_logits, baseline["decode_tokens_per_s"])
+        baseline, baseline_tokens, baseline_logits = measure(folder, BASELINE, device, args.new_tokens, args.repeats)
+        compare(baseline, baseline_tokens, baseline_logits, baseline_tokens, baseline_logits,
+                baseline["decode_tokens_per_s"])
+        results = [baseline]
+        print(json.dumps(baseline), flush=True)
+        for name in formats[1:]:
+            try:
+                result, tokens, logits = measure(folder, name, device, args.new_tokens, args.repeats)
+                compare(result, tokens, logits, baseline_tokens, baseline_logits, baseline["decode_tokens_per_s"])
+            except Exception as error:  # recorded in the table and the JSON; the other formats still run
+                result = {"format": name, "error": f"{type(error).__name__}: {error}"}
             results.append(result)
             print(json.dumps(result), flush=True)
 
-    versions = {library: importlib.import_module(library).__version__ for library in ("bitsandbytes", "torchao", "triton")
-                if importlib.util.find_spec(library) is not None}
-    environment = {"device": torch.cuda.get_device_name(), "python": platform.python_version(),
-                   "torch": torch.__version__, "transformers": transformers.__version__, **versions}
     with open(args.json, "w") as file:
-        json.dump({"environment": environment, "new_tokens": args.new_tokens, "repeats": args.repeats,
+        json.dump({"environment": environment(device), "new_tokens": args.new_tokens, "repeats": args.repeats,
                    "results": results}, file, indent=2)
     print(table(results))
     return results

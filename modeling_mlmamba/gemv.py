@@ -41,6 +41,7 @@ if triton is not None:
             for bn, bk, w, s in [
                 (16, 512, 4, 3), (16, 1024, 8, 3), (32, 256, 4, 4), (32, 512, 8, 3),
                 (64, 128, 4, 4), (64, 256, 8, 3), (8, 1024, 4, 3), (8, 512, 4, 4),
+                (8, 2048, 8, 3),  # 2 KB per row of 1-byte (int8, float8) weights per step
             ]
         ],
         key=["N", "K"],

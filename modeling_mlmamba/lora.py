@@ -52,9 +52,9 @@ def qlora_model_and_processor(model_name_or_path: str | None, quantization: str 
     """A saved ML-Mamba with its language model quantized (`quantization.quantization_config(quantization)`) and
     prepared for adapter training, and its processor.
 
-    peft's `prepare_model_for_kbit_training` freezes every weight and upcasts the unquantized ones (towers,
-    connector, projector, embeddings, norms) to float32, as QLoRA trains; gradient checkpointing is left to the
-    trainer's own flag. `compute_dtype` is what the 4-bit layers dequantize to.
+    peft's `prepare_model_for_kbit_training` freezes every weight and, for the bitsandbytes formats, upcasts the
+    unquantized ones (towers, connector, projector, embeddings, norms) to float32, as QLoRA trains; gradient
+    checkpointing is left to the trainer's own flag. `compute_dtype` is what the 4-bit layers dequantize to.
     """
     if model_name_or_path is None:
         raise ValueError("quantized training starts from a saved model, but model_name_or_path is None; pass a "

@@ -105,8 +105,8 @@ class MLMambaPreTrainedModel(PreTrainedModel):
         "Mamba2LMBlock", "MLMambaConnectorBlock", "Dinov2WithRegistersLayer", "SiglipEncoderLayer",
     ]
     # Never quantized, by any of transformers' quantizers (each skips `_keep_in_fp32_modules`), and kept in float32
-    # when the rest loads in float16: the towers run once per image, the connector and projector are small, and
-    # together they hold ~20 % of the weights but all of the image path. Paths from the root of either class
+    # when the rest loads in float16: the whole image path, run once per image and a quarter of the weights at full
+    # size (0.90 B of 3.60 B), while batch-1 decoding reads only the LM. Paths from the root of either class
     # (bitsandbytes matches them from the start). The LM head, tied to the embeddings, is left out by the quantizers'
     # own default.
     _keep_in_fp32_modules = [
