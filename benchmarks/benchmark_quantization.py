@@ -103,7 +103,6 @@ def median_time(fn, repeats: int) -> tuple[float, torch.Tensor]:
 
 def measure(folder: str, name: str, device: torch.device, new_tokens: int, repeats: int):
     """One format's numbers, its greedy tokens and its last-position logits on the fixed prompt."""
-    torch.cuda.set_device(device)
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -200,6 +199,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit(f"--device {args.device}: no CUDA GPU is available")
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+        torch.cuda.set_device(device)  # memory statistics and synchronisation below are of this GPU
     if not args.shapes_vqa and device.type != "cuda":
         sys.exit(f"--device {args.device}: the speed benchmark needs a CUDA GPU (only --shapes-vqa runs elsewhere)")
     if args.new_tokens < 2 or args.repeats < 1:

@@ -475,3 +475,17 @@ def test_int8_default_model_answers_within_two_points_of_full_precision():
     assert all(abs(quantized_scores[kind] - full_scores[kind]) <= 0.02 for kind in full_scores), (
         quantized_scores, full_scores
     )
+
+
+def test_benchmark_stops_before_any_work_when_a_formats_library_is_missing(monkeypatch, tmp_path):
+    script = ROOT / "benchmarks" / "benchmark_quantization.py"
+    spec = importlib.util.spec_from_file_location("benchmark_quantization", script)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    installed = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda module: None if module == "torchao" else installed(module))
+    monkeypatch.setattr(benchmark, "shapes_vqa_scores", lambda *args: pytest.fail("the benchmark started measuring"))
+    with pytest.raises(SystemExit, match="--formats torchao-int8: .*needs torchao.*pip install torchao"):
+        benchmark.main(["--shapes-vqa", "--device", "cpu", "--formats", "torchao-int8",
+                        "--json", str(tmp_path / "quality.json")])
+    assert not (tmp_path / "quality.json").exists()

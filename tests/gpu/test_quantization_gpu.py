@@ -25,9 +25,10 @@ if not torch.cuda.is_available():
 TEXT_CONFIG = {"hidden_size": 256, "num_hidden_layers": 2, "state_size": 64, "head_dim": 32, "num_heads": 16,
                "chunk_size": 64, "vocab_size": 512}
 FLOAT8_CAPABLE = torch.cuda.get_device_capability() >= (8, 9)
-# Relative logit error against the same weights in bf16.
-LOGIT_ERROR_BOUNDS = {"bnb-nf4": 0.4, "bnb-fp4": 0.5, "bnb-int8": 0.05, "torchao-int8": 0.05, "torchao-float8": 0.1,
-                      "torchao-float8-dynamic": 0.15, "torchao-int4": 0.4}
+# Relative logit error against the same weights in bf16 (on a CPU with these widths: 0.021 torchao int8, 0.030
+# LLM.int8(), 0.067 float8; 0.27 / 0.37 for NF4 / FP4 on the narrower CPU test model; another model's ~1.4).
+LOGIT_ERROR_BOUNDS = {"bnb-nf4": 0.4, "bnb-fp4": 0.5, "bnb-int8": 0.05, "torchao-int8": 0.05, "torchao-float8": 0.15,
+                      "torchao-float8-dynamic": 0.2, "torchao-int4": 0.5}
 
 
 def format_params(names) -> list:
