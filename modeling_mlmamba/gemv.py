@@ -84,6 +84,7 @@ def rowwise_quantized(weight) -> bool:
         and weight.qdata.is_contiguous()
         and weight.scale.dtype == torch.float32
         and weight.scale.shape == (out_features, 1)
+        and weight.scale.is_contiguous()
     )
 
 
