@@ -21,6 +21,7 @@ from peft import get_peft_model
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from modeling_mlmamba.lora import lora_config, save_merged_model
+from modeling_mlmamba.quantization import QUANTIZATION_FORMATS
 from modeling_mlmamba.training_run import DataArguments, ModelArguments, prepare_training, train
 
 # LoRA trains what finetune.py's `finetune` stage trains: connector, projector and (through adapters) the LM.
@@ -32,6 +33,11 @@ class LoraArguments:
     lora_rank: int = field(default=16, metadata={"help": "Rank of each adapter."})
     lora_alpha: float = field(default=32, metadata={"help": "Adapter scale: updates are multiplied by alpha / rank."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapters' inputs in training."})
+    quantization: str | None = field(
+        default=None, metadata={"help": "QLoRA: train the adapters on the language model loaded in this format "
+                                        "(needs --model_name_or_path); the flag alone means bnb-nf4.",
+                                "choices": sorted(QUANTIZATION_FORMATS), "nargs": "?", "const": "bnb-nf4"}
+    )
     merge: bool = field(
         default=False, metadata={"help": "Also write the model with the adapters merged in to OUTPUT_DIR/merged."}
     )
@@ -45,7 +51,9 @@ def main(argv: list[str] | None = None) -> Trainer:
             f"--stage {model_args.stage} does not apply to LoRA, which trains the connector, the projector and "
             "adapters on the language model; drop --stage, or use examples/finetune.py for other stages"
         )
-    model, processor, dataset, checkpoint = prepare_training(model_args, data_args, training_args)
+    model, processor, dataset, checkpoint = prepare_training(
+        model_args, data_args, training_args, quantization=lora_args.quantization
+    )
     model = get_peft_model(model, lora_config(lora_args.lora_rank, lora_args.lora_alpha, lora_args.lora_dropout))
 
     def add_merged_model(folder: Path) -> None:

@@ -21,6 +21,8 @@ from collections import OrderedDict
 import torch
 from transformers import DynamicCache
 
+from .quantization import graph_capturable
+
 MAX_PREFILL_GRAPHS = 8
 MAX_DECODE_GRAPHS = 4
 
@@ -144,6 +146,8 @@ class GenerationGraphs:
         self.fingerprint = None
         self.checked_cache = None
         self.pool = None
+        self.capturable = None
+        self.capturable_cache = None
 
     def __reduce__(self):
         return type(self), ()
@@ -160,15 +164,23 @@ class GenerationGraphs:
         if device.type == "cuda" and self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
 
+    def _weights_capturable(self, model, cache) -> bool:
+        """`graph_capturable(model)` (quantized layers whose kernels a graph cannot capture decline), walked once per
+        cache, i.e. once per `generate()` call rather than per token."""
+        if self.capturable_cache is None or self.capturable_cache() is not cache:
+            self.capturable = graph_capturable(model)
+            self.capturable_cache = weakref.ref(cache)
+        return self.capturable
+
     def route(self, model, cache, input_ids=None, logits_to_keep=0, attention_mask=None, pixel_values=None,
               **other_inputs) -> str | None:
         """"decode" or "prefill" when a graph can serve this forward call, else None (it runs eagerly).
 
         Graphs serve inference of input ids (batch, length) with a cache on a graph device (other inputs run eagerly,
-        where the model's checks refuse them clearly), asking for nothing beyond the logits:
-        any other argument that is set declines, so a new forward argument can never slip past. A decode step is
-        one token continuing the cache, without images; a prefill is `generate()`'s first call (empty cache, last
-        logits only).
+        where the model's checks refuse them clearly), asking for nothing beyond the logits, with weights whose kernels
+        can be captured: any other argument that is set declines, so a new forward argument can never slip past. A
+        decode step is one token continuing the cache, without images; a prefill is `generate()`'s first call (empty
+        cache, last logits only).
         """
         if (
             self.running
@@ -180,6 +192,7 @@ class GenerationGraphs:
             or torch.is_grad_enabled()
             or getattr(cache.layers[0], "record_past", False)
             or not all(is_neutral(name, value) for name, value in other_inputs.items())
+            or not self._weights_capturable(model, cache)
         ):
             return None
         if cache.has_previous_state(0):

@@ -7,11 +7,21 @@ connector and the projector (small, and new in ML-Mamba) train in full and are s
 The adapter leaves every forward path of the model in place: the mixers call `in_proj` and `out_proj` as modules
 in training, prefill and decode steps (the batch-1 decode kernel in `gemv.py` takes plain `nn.Linear` only), so
 a peft-wrapped projection is never bypassed.
+
+QLoRA trains the same adapters on a quantized language model: `qlora_model_and_processor(folder)` loads it in 4-bit
+NF4 (or another format of `quantization.QUANTIZATION_FORMATS`) and prepares it with peft's
+`prepare_model_for_kbit_training`; `get_peft_model(model, lora_config())` then adds the adapters as above. The saved
+adapter loads onto the quantized base and onto the unquantized one alike.
 """
 
 from pathlib import Path
 
-from peft import LoraConfig
+import torch
+from peft import LoraConfig, prepare_model_for_kbit_training
+from transformers import AutoProcessor
+
+from .modeling_mlmamba import MLMambaForConditionalGeneration
+from .quantization import quantization_config
 
 from .model_card import write_model_card
 
@@ -51,4 +61,27 @@ def save_merged_model(peft_model, processor, folder: str | Path, base_model: str
     return merged
 
 
-__all__ = ["FULLY_TRAINED_MODULES", "LANGUAGE_MODEL_PROJECTIONS", "lora_config", "save_merged_model"]
+def qlora_model_and_processor(model_name_or_path: str | None, quantization: str = "bnb-nf4",
+                              compute_dtype: torch.dtype = torch.bfloat16, **from_pretrained_kwargs):
+    """A saved ML-Mamba with its language model quantized (`quantization.quantization_config(quantization)`) and
+    prepared for adapter training, and its processor.
+
+    peft's `prepare_model_for_kbit_training` freezes every weight and, for the bitsandbytes formats, upcasts the
+    unquantized ones (towers, connector, projector, embeddings, norms) to float32, as QLoRA trains; gradient
+    checkpointing is left to the trainer's own flag. `compute_dtype` is what the 4-bit layers dequantize to.
+    """
+    if model_name_or_path is None:
+        raise ValueError("quantized training starts from a saved model, but model_name_or_path is None; pass a "
+                         "saved or converted ML-Mamba folder or Hub id")
+    model = MLMambaForConditionalGeneration.from_pretrained(
+        model_name_or_path, quantization_config=quantization_config(quantization, compute_dtype),
+        **from_pretrained_kwargs,
+    )
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model, AutoProcessor.from_pretrained(model_name_or_path)
+
+
+__all__ = [
+    "FULLY_TRAINED_MODULES", "LANGUAGE_MODEL_PROJECTIONS", "lora_config", "qlora_model_and_processor",
+    "save_merged_model",
+]

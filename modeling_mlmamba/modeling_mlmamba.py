@@ -64,8 +64,9 @@ class MLMambaVisionTower(nn.Module):
         check_pixel_values(pixel_values, self.image_size)
         trainable = any(p.requires_grad for p in self.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
-            dino = self.dino(pixel_values[:, 0].to(self.dino.dtype), output_hidden_states=True)
-            siglip = self.siglip(pixel_values[:, 1].to(self.siglip.dtype), output_hidden_states=True)
+            # Each tower casts the pixels to its patch embedding's dtype itself.
+            dino = self.dino(pixel_values[:, 0], output_hidden_states=True)
+            siglip = self.siglip(pixel_values[:, 1], output_hidden_states=True)
         dino_patches = dino.hidden_states[self.feature_layer][:, self.dino_prefix_tokens :]
         siglip_patches = siglip.hidden_states[self.feature_layer]
         return torch.cat([dino_patches, siglip_patches.to(dino_patches.dtype)], dim=-1)
@@ -101,6 +102,14 @@ class MLMambaPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = [
         "Mamba2LMBlock", "MLMambaConnectorBlock", "Dinov2WithRegistersLayer", "SiglipEncoderLayer",
+    ]
+    # Never quantized, by any of transformers' quantizers (each skips `_keep_in_fp32_modules`), and kept in float32
+    # when the rest loads in float16: the whole image path, run once per image and a quarter of the weights at full
+    # size (0.90 B of 3.60 B), while batch-1 decoding reads only the LM. Paths from the root of either class
+    # (bitsandbytes matches them from the start). The LM head, tied to the embeddings, is left out by the quantizers'
+    # own default.
+    _keep_in_fp32_modules = [
+        f"{prefix}{name}" for prefix in ("", "model.") for name in ("vision_tower", "connector", "projector")
     ]
     _supports_sdpa = True
     _is_stateful = True
@@ -170,9 +179,7 @@ class MLMambaModel(MLMambaPreTrainedModel):
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projected image features, (images, image_seq_length, text hidden size), ready to be placed in the LM."""
-        features = self.vision_tower(pixel_values)
-        features = features.to(self.projector.layers[0].weight.dtype)
-        return self.projector(self.connector(features))
+        return self.projector(self.connector(self.vision_tower(pixel_values)))
 
     def image_placeholder_mask(self, input_ids, inputs_embeds) -> torch.Tensor:
         """Where the image placeholder tokens are: (batch, length) booleans."""
@@ -286,7 +293,7 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The LM head in float32; a single row takes the batch-1 decode kernel in every path (eager, prefill
         graph, decode graph), so greedy tokens do not depend on whether graphs are used."""
-        rows = hidden_states.reshape(-1, hidden_states.shape[-1]).to(self.lm_head.weight.dtype)
+        rows = hidden_states.reshape(-1, hidden_states.shape[-1])
         return decode_linear(self.lm_head, rows).float().view(*hidden_states.shape[:-1], -1)
 
     def get_input_embeddings(self):

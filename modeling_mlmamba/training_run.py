@@ -26,6 +26,7 @@ from transformers import AutoProcessor, AutoTokenizer, PretrainedConfig, Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
 from .configuration_mlmamba import MLMambaConfig
+from .lora import qlora_model_and_processor
 from .modeling_mlmamba import MLMambaForConditionalGeneration
 from .processing_mlmamba import MLMambaProcessor
 from .training import TRAINING_STAGES, LlavaConversationDataset, MLMambaDataCollator
@@ -82,25 +83,34 @@ class DataArguments:
             raise ValueError(f"--max_length must be a positive number of tokens, got {self.max_length}")
 
 
-def prepare_training(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments):
+def prepare_training(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
+                     quantization: str | None = None):
     """Every start-up check, cheapest first, then the model, its processor and the dataset; returns (model,
-    processor, dataset, checkpoint to resume from or None). Nothing is written to the output folder."""
+    processor, dataset, checkpoint to resume from or None). Nothing is written to the output folder.
+
+    `quantization` (a format of `quantization.QUANTIZATION_FORMATS`) loads the pretrained model with its language
+    model quantized and prepared for adapter training (QLoRA)."""
     check_output_dir(training_args)
     checkpoint = resume_checkpoint(training_args)
     set_seed(training_args.seed)
-    model, processor = build_model_and_processor(model_args)
+    model, processor = build_model_and_processor(model_args, quantization)
     dataset = LlavaConversationDataset(data_args.data_file, data_args.image_folder, data_args.skip_bad_samples)
     return model, processor, dataset, checkpoint
 
 
-def build_model_and_processor(args: ModelArguments):
+def build_model_and_processor(args: ModelArguments, quantization: str | None = None):
     """A pretrained model and its processor, or a new model from a config file (with `--config_overrides`
     merged in) and a tokenizer. The config is checked before any weight is loaded or initialised."""
     if (args.model_name_or_path is None) == (args.config_file is None):
         raise ValueError("pass exactly one of --model_name_or_path and --config_file")
+    if quantization is not None and args.model_name_or_path is None:
+        raise ValueError(f"--quantization {quantization} trains adapters on a pretrained model: pass "
+                         "--model_name_or_path instead of --config_file")
     if args.model_name_or_path is not None:
         if args.config_overrides or args.tokenizer:
             raise ValueError("--config_overrides and --tokenizer go with --config_file, not --model_name_or_path")
+        if quantization is not None:
+            return qlora_model_and_processor(args.model_name_or_path, quantization)
         model = MLMambaForConditionalGeneration.from_pretrained(args.model_name_or_path)
         return model, AutoProcessor.from_pretrained(args.model_name_or_path)
     if args.tokenizer is None:
