@@ -16,6 +16,8 @@ layers, other torchao layouts, LoRA-wrapped projections, biases, any other tenso
 forward. `reference_gemv` is the same product in plain PyTorch.
 """
 
+import sys
+
 import torch
 from torch import nn
 
@@ -24,10 +26,6 @@ try:
     import triton.language as tl
 except ImportError:
     triton = None
-try:
-    from torchao.quantization import Float8Tensor, Int8Tensor
-except ImportError:
-    Float8Tensor = Int8Tensor = None
 
 HALF_PRECISION = (torch.bfloat16, torch.float16)
 # Devices whose tensors the Triton kernel takes.
@@ -67,13 +65,21 @@ def is_dense_weight(weight) -> bool:
     return type(weight) in (nn.Parameter, torch.Tensor) and weight.is_floating_point()
 
 
+def torchao_tensor_type(name: str) -> type | None:
+    """torchao's quantized tensor class `name`, or None when torchao has not been imported.
+
+    Looked up rather than imported: a model holds torchao tensors only after transformers imported torchao for a
+    quantized load, and importing it costs seconds (and logs warnings) for every other user."""
+    return getattr(sys.modules.get("torchao.quantization"), name, None)
+
+
 def rowwise_quantized(weight) -> bool:
     """Whether `weight` is a torchao int8 or float8 (e4m3) weight-only tensor of the layout the kernel reads:
     contiguous (out, in) values and one float32 scale per output row."""
-    if type(weight) is Int8Tensor:
+    if type(weight) is torchao_tensor_type("Int8Tensor"):
         if weight.act_quant_kwargs is not None or weight.act_pre_scale is not None or weight.qdata.dtype != torch.int8:
             return False
-    elif type(weight) is Float8Tensor:
+    elif type(weight) is torchao_tensor_type("Float8Tensor"):
         if weight.act_quant_kwargs is not None or weight.qdata.dtype != torch.float8_e4m3fn:
             return False
     else:

@@ -21,25 +21,19 @@ from typing import NamedTuple
 import torch
 from transformers import BitsAndBytesConfig
 
-from .gemv import is_dense_weight
+from .gemv import is_dense_weight, torchao_tensor_type
 
-try:
-    from torchao.quantization import (
-        Float8DynamicActivationFloat8WeightConfig,
-        Float8Tensor,
-        Float8WeightOnlyConfig,
-        Int4TilePackedTo4dTensor,
-        Int4WeightOnlyConfig,
-        Int8Tensor,
-        Int8WeightOnlyConfig,
-        PerRow,
-    )
+# torchao tensors whose linear is plain device work (dequantize, matmul, scaled matmul, tinygemm), no host sync.
+CAPTURABLE_TORCHAO_TENSORS = ("Int8Tensor", "Float8Tensor", "Int4TilePackedTo4dTensor")
+
+
+def torchao_config(make: Callable):
+    """`TorchAoConfig(make(torchao.quantization))`: torchao is imported here, when a torchao format is asked for,
+    and nowhere else in the package."""
+    import torchao.quantization
     from transformers import TorchAoConfig
 
-    # torchao tensors whose linear is plain device work (dequantize, matmul, scaled matmul, tinygemm), no host sync.
-    CAPTURABLE_TENSOR_TYPES = (Int8Tensor, Float8Tensor, Int4TilePackedTo4dTensor)
-except ImportError:
-    CAPTURABLE_TENSOR_TYPES = ()
+    return TorchAoConfig(make(torchao.quantization))
 
 
 class QuantizationFormat(NamedTuple):
@@ -63,19 +57,22 @@ QUANTIZATION_FORMATS = {
         lambda dtype: BitsAndBytesConfig(load_in_8bit=True),
     ),
     "torchao-int8": QuantizationFormat(
-        "torchao", "int8, one scale per output row", lambda dtype: TorchAoConfig(Int8WeightOnlyConfig()),
+        "torchao", "int8, one scale per output row", lambda dtype: torchao_config(lambda ao: ao.Int8WeightOnlyConfig()),
     ),
     "torchao-float8": QuantizationFormat(
-        "torchao", "float8 (e4m3), one scale per output row", lambda dtype: TorchAoConfig(Float8WeightOnlyConfig()),
+        "torchao", "float8 (e4m3), one scale per output row",
+        lambda dtype: torchao_config(lambda ao: ao.Float8WeightOnlyConfig()),
     ),
     "torchao-float8-dynamic": QuantizationFormat(
         "torchao", "float8 weights and activations, per-row scales, activations quantized at run time (CUDA "
         "compute capability >= 8.9)",
-        lambda dtype: TorchAoConfig(Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())),
+        lambda dtype: torchao_config(lambda ao: ao.Float8DynamicActivationFloat8WeightConfig(granularity=ao.PerRow())),
     ),
     "torchao-int4": QuantizationFormat(
         "torchao", "int4 in groups of 128, tinygemm's tile-packed layout (CUDA, bf16)",
-        lambda dtype: TorchAoConfig(Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")),
+        lambda dtype: torchao_config(
+            lambda ao: ao.Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
+        ),
     ),
 }
 
@@ -113,12 +110,13 @@ def layer_capturable(module: torch.nn.Module, bnb_layers: tuple[type, type] | No
             return module.state.threshold == 0
         if isinstance(module, linear_4bit):
             return True
-    return all(is_dense_weight(p) or type(p) in CAPTURABLE_TENSOR_TYPES for p in module.parameters(recurse=False))
+    capturable = tuple(torchao_tensor_type(name) for name in CAPTURABLE_TORCHAO_TENSORS)
+    return all(is_dense_weight(p) or type(p) in capturable for p in module.parameters(recurse=False))
 
 
 def graph_capturable(model: torch.nn.Module) -> bool:
     """Whether every layer's weights run kernels that CUDA graphs can capture: plain dense weights, bitsandbytes'
-    4-bit layers, LLM.int8() without outlier search, and torchao's `CAPTURABLE_TENSOR_TYPES`. Any other layer or
+    4-bit layers, LLM.int8() without outlier search, and torchao's `CAPTURABLE_TORCHAO_TENSORS`. Any other layer or
     tensor subclass declines, so generation then runs eagerly instead of failing inside a capture."""
     bnb_layers = bitsandbytes_layers()
     return all(layer_capturable(module, bnb_layers) for module in model.modules())

@@ -489,3 +489,21 @@ def test_benchmark_stops_before_any_work_when_a_formats_library_is_missing(monke
         benchmark.main(["--shapes-vqa", "--device", "cpu", "--formats", "torchao-int8",
                         "--json", str(tmp_path / "quality.json")])
     assert not (tmp_path / "quality.json").exists()
+
+
+def test_a_plain_model_does_not_import_bitsandbytes():
+    """bitsandbytes (like torchao) is looked up, never imported by the package: its import takes seconds and logs
+    backend messages, which every user of an unquantized model would pay. (torchao cannot be checked this way:
+    transformers itself imports it whenever it is installed.)"""
+    code = (
+        "import sys, torch\n"
+        "from modeling_mlmamba import MLMambaConfig, MLMambaForConditionalGeneration\n"
+        "from modeling_mlmamba import quantization\n"
+        "model = MLMambaForConditionalGeneration(MLMambaConfig.tiny()).eval()\n"
+        "model.generate(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=2)\n"
+        "quantization.graph_capturable(model)\n"
+        "print('bitsandbytes' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert result.stdout.strip() == "False"
