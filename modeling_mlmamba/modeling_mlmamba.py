@@ -252,6 +252,7 @@ class MLMambaModel(MLMambaPreTrainedModel):
             cache=cache if use_cache else None,
             attention_mask=attention_mask,
             output_hidden_states=output_hidden_states or self.config.output_hidden_states,
+            fused_decode_step=self.config.use_fused_decode_step,
         )
         return MLMambaModelOutput(
             last_hidden_state=last_hidden_state,
