@@ -51,7 +51,7 @@ def random_states(lm, batch: int, seed: int = 1):
 
 
 def on(states, device, dtype=None):
-    return [(conv.to(device, dtype or conv.dtype), ssm.to(device)) for conv, ssm in states]
+    return [(conv.to(device, dtype or conv.dtype, copy=True), ssm.to(device, copy=True)) for conv, ssm in states]
 
 
 def rel_err(ours, reference) -> float:
@@ -80,7 +80,7 @@ def test_fused_layer_float32_equals_cpu_reference(released, shape, batch):
     A = mamba2.decay_rates(cpu.layers[0].mixer.A_log)
     expected_conv, expected_ssm = conv.clone(), ssm.clone()
     expected = reference_layer(cpu.layers[0], hidden, expected_conv, expected_ssm, A)
-    conv, ssm = conv.cuda(), ssm.cuda()
+    conv, ssm = conv.to("cuda", copy=True), ssm.to("cuda", copy=True)
     ours = fused_decode_layers(gpu.layers[:1], hidden.cuda(), [(conv, ssm)], [A.cuda()], residual_in_fp32=True)
     assert rel_err(ours, expected) < 1e-4
     assert rel_err(ssm, expected_ssm) < 1e-4
@@ -97,9 +97,10 @@ def test_fused_layer_bfloat16_is_as_close_to_float32_as_the_per_op_cuda_step(rel
     hidden = torch.randn(batch, released.config.hidden_size, generator=torch.Generator().manual_seed(2)).bfloat16()
     A = mamba2.decay_rates(released.layers[0].mixer.A_log)
     truth = reference_layer(released.layers[0], hidden.float(), conv.bfloat16().float(), ssm.clone(), A)
-    per_op = reference_layer(gpu.layers[0], hidden.cuda(), conv.to("cuda", torch.bfloat16), ssm.cuda(), A.cuda())
-    ssm_fused = ssm.cuda()
-    fused = fused_decode_layers(gpu.layers[:1], hidden.cuda(), [(conv.to("cuda", torch.bfloat16), ssm_fused)],
+    per_op = reference_layer(gpu.layers[0], hidden.cuda(), conv.to("cuda", torch.bfloat16, copy=True),
+                             ssm.to("cuda", copy=True), A.cuda())
+    fused = fused_decode_layers(gpu.layers[:1], hidden.cuda(), [(conv.to("cuda", torch.bfloat16, copy=True),
+                                                                 ssm.to("cuda", copy=True))],
                                 [A.cuda()], residual_in_fp32=True)
     print(f"batch {batch}: fused {rel_err(fused, truth):.2e}, per-op {rel_err(per_op, truth):.2e} from float32")
     assert rel_err(fused, truth) <= 2 * rel_err(per_op, truth) + 1e-3
@@ -170,12 +171,14 @@ def test_greedy_generation_with_and_without_fused_step_and_graphs(dtype, batch):
     if dtype == torch.float32:
         assert torch.equal(fused_tokens, per_op_tokens)
     else:
-        same = torch.equal(fused_tokens, per_op_tokens)
-        steps = (fused_tokens == per_op_tokens).all(0).long().cumprod(0).sum().item() - ids.shape[1]
-        first = fused_logits[:, :1]
-        print(f"bf16 batch {batch}: tokens identical {same} ({steps} identical steps), first-step logits "
-              f"rel. diff {rel_err(first, per_op_logits[:, :1]):.2e}")
-        assert rel_err(first, per_op_logits[:, :1]) < 2e-2
+        generated = fused_tokens[:, ids.shape[1]:] == per_op_tokens[:, ids.shape[1]:]
+        same_history = int(generated.all(0).long().cumprod(0).sum())  # leading steps with identical tokens
+        # Step 0 is the prefill; decode steps 1..same_history start from identical tokens in both runs.
+        compared = slice(1, max(same_history, 1) + 1)
+        difference = rel_err(fused_logits[:, compared], per_op_logits[:, compared])
+        print(f"bf16 batch {batch}: {same_history} of {generated.shape[1]} greedy tokens identical; decode-step "
+              f"logits over identical histories rel. diff {difference:.2e}")
+        assert difference < 2e-2
 
 
 def test_fused_path_is_taken_inside_generate(monkeypatch):
