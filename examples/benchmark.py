@@ -422,7 +422,8 @@ def build_llava(plan: Plan):
         image_size=siglip.image_size, patch_size=siglip.patch_size)
     width = config.text_config.hidden_size
     text = transformers.LlamaConfig(
-        hidden_size=width, intermediate_size=int(2.7 * width), num_hidden_layers=config.text_config.num_hidden_layers // 2,
+        hidden_size=width, intermediate_size=int(2.7 * width),
+        num_hidden_layers=config.text_config.num_hidden_layers // 2,
         num_attention_heads=max(width // 128, 2), num_key_value_heads=max(width // 128, 2),
         vocab_size=config.text_config.vocab_size, max_position_embeddings=65536)
     llava_config = transformers.LlavaConfig(
@@ -568,7 +569,8 @@ def profile(results):
             lm(embeds)
             torch.cuda.synchronize()
         results["profile_lm_prefill_top_ops"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
-        states = [(conv.clone(), ssm.clone()) for conv, ssm in next(iter(model.cuda_graphs.decode_graphs.values())).states]
+        graph = next(iter(model.cuda_graphs.decode_graphs.values()))
+        states = [(conv.clone(), ssm.clone()) for conv, ssm in graph.states]
         token = ids[:, -1]
         for fused in (True, False):
             lm.step(token, states, fused=fused)

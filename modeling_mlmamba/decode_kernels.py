@@ -44,15 +44,23 @@ def _tile_configs(rows: int, tiles) -> list:
 
 
 def _tiles_for_batch(configs, named_args, **kwargs):
-    """Tiles that fit this batch: one row (a plain GEMV) or sixteen (tensor cores) for batch 1, sixteen above.
+    """Tiles that fit this batch: one row (a plain GEMV) or sixteen (tensor cores) for batch 1, sixteen above."""
+    return [c for c in configs if c.kwargs["BLOCK_B"] >= named_args["batch"]]
 
-    On CPU (Triton's interpreter) there is nothing to time: the widest tile is kept, the fewest programs to
-    interpret."""
-    batch = named_args["batch"]
-    fitting = [c for c in configs if c.kwargs["BLOCK_B"] >= batch]
-    if named_args["weight_ptr"].is_cuda:
-        return fitting
-    return [max(fitting, key=lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]))]
+
+def _interpreter_tile(configs, batch: int):
+    """In Triton's interpreter (CPU tensors) there is nothing to time: the widest fitting tile, the fewest programs
+    to interpret."""
+    return max(_tiles_for_batch(configs, {"batch": batch}), key=lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]))
+
+
+def _launch_gemv(kernel, out_features: int, batch: int, on_gpu: bool, *args, **constexprs):
+    """One of the GEMV kernels over `out_features` outputs: autotuned on the GPU, one fixed tile in the interpreter."""
+    if on_gpu:
+        kernel[lambda meta: (triton.cdiv(out_features, meta["BLOCK_N"]),)](*args, **constexprs)
+        return
+    tile = _interpreter_tile(kernel.configs, batch)
+    kernel.fn[(triton.cdiv(out_features, tile.kwargs["BLOCK_N"]),)](*args, **constexprs, **tile.kwargs)
 
 
 if triton is not None:
@@ -240,7 +248,8 @@ def norm_in_proj_conv(residual, residual_sq, norm, in_proj, conv1d, conv_state, 
     out_features = in_proj.weight.shape[0]
     conv_dim, _, conv_width = conv1d.weight.shape
     bias = conv1d.bias
-    _norm_in_proj_conv_kernel[lambda meta: (triton.cdiv(out_features, meta["BLOCK_N"]),)](
+    _launch_gemv(
+        _norm_in_proj_conv_kernel, out_features, batch, residual.is_cuda,
         residual, residual_sq, norm.weight, in_proj.weight, projected,
         conv_state, conv1d.weight, bias if bias is not None else conv1d.weight, conv_out,
         batch, out_features, width, residual_sq.shape[1], conv_start, conv_dim, norm.eps,
@@ -287,7 +296,8 @@ def gated_norm_out_proj(gated, gated_sq, norm, out_proj, residual, new_residual,
     `new_residual_sq` for the next layer's norm."""
     batch, inner = gated.shape
     width = out_proj.weight.shape[0]
-    _gated_norm_out_proj_kernel[lambda meta: (triton.cdiv(width, meta["BLOCK_N"]),)](
+    _launch_gemv(
+        _gated_norm_out_proj_kernel, width, batch, gated.is_cuda,
         gated, gated_sq, norm.weight, out_proj.weight, residual, new_residual, new_residual_sq,
         batch, width, inner, gated_sq.shape[1], norm.eps,
         gated.stride(0), out_proj.weight.stride(0), residual.stride(0), new_residual.stride(0),

@@ -163,16 +163,13 @@ def test_states_of_the_wrong_shape_or_layout_are_refused():
 
 
 def test_tile_choice_per_batch():
-    class Weight:
-        def __init__(self, is_cuda):
-            self.is_cuda = is_cuda
-
     configs = decode_kernels.GEMV_CONFIGS
-    one_row = decode_kernels._tiles_for_batch(configs, {"batch": 1, "weight_ptr": Weight(True)})
+    one_row = decode_kernels._tiles_for_batch(configs, {"batch": 1})
     assert {c.kwargs["BLOCK_B"] for c in one_row} == {1, 16}  # timed against each other on the GPU
-    assert {c.kwargs["BLOCK_B"] for c in decode_kernels._tiles_for_batch(configs, {"batch": 5, "weight_ptr": Weight(True)})} == {16}
-    interpreted_tile, = decode_kernels._tiles_for_batch(configs, {"batch": 5, "weight_ptr": Weight(False)})
+    assert {c.kwargs["BLOCK_B"] for c in decode_kernels._tiles_for_batch(configs, {"batch": 5})} == {16}
+    interpreted_tile = decode_kernels._interpreter_tile(configs, 5)
     assert interpreted_tile.kwargs["BLOCK_B"] == 16
+    assert interpreted_tile.kwargs["BLOCK_N"] == max(c.kwargs["BLOCK_N"] for c in configs)
 
 
 def test_graph_key_and_step_follow_the_config_switch(monkeypatch):
