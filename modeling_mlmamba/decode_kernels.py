@@ -17,7 +17,7 @@ model dtype), so the two differ only in summation order. Above `FUSED_MAX_BATCH`
 and the step is bound by the state traffic (2.6 MB of float32 state per layer and sequence, read and written);
 there the per-op step runs with `selective_state_update` below in place of mamba_ssm's kernel.
 
-`decode_path` decides which step a call takes; `Mamba2LanguageModel.step` is the only caller.
+`decode_path` decides which step a call takes; `Mamba2LanguageModel.decode` is the only caller.
 """
 
 import torch
