@@ -215,15 +215,15 @@ def reference_layer(block, hidden, conv_state, ssm_state, A):
 
 
 @interpreted
-@pytest.mark.parametrize("batch", [1, 3])
-def test_one_fused_layer_equals_the_reference_block_step_in_float32(batch):
-    lm = language_model()
+@pytest.mark.parametrize("batch, residual_in_fp32", [(1, True), (3, True), (3, False)])
+def test_one_fused_layer_equals_the_reference_block_step_in_float32(batch, residual_in_fp32):
+    lm = language_model(residual_in_fp32=residual_in_fp32)
     block, (conv, ssm) = lm.layers[0], random_states(lm, batch)[0]
     hidden = torch.randn(batch, lm.config.hidden_size, generator=torch.Generator().manual_seed(2))
     A = mamba2.decay_rates(block.mixer.A_log)
     expected_conv, expected_ssm = conv.clone(), ssm.clone()
     expected = reference_layer(block, hidden, expected_conv, expected_ssm, A)
-    ours = fused_decode_layers(lm.layers[:1], hidden, [(conv, ssm)], [A], residual_in_fp32=True)
+    ours = fused_decode_layers(lm.layers[:1], hidden, [(conv, ssm)], [A], residual_in_fp32)
     assert rel_err(ours, expected) < 1e-5
     assert rel_err(ssm, expected_ssm) < 1e-5
     assert torch.equal(conv[..., :-1], expected_conv[..., :-1])  # the kept inputs moved one tap left
