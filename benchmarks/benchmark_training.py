@@ -87,8 +87,9 @@ def model_flops_per_sample(model, sequence_length: int) -> float:
     inner = model.model
     config = model.config
     towers = inner.vision_tower
-    vision = vit_forward_flops(config.dino_config, parameter_count(towers.dino)) + vit_forward_flops(
-        config.siglip_config, parameter_count(towers.siglip)
+    # The towers' own configs give the blocks they build (up to the feature layer), not the pretrained depth.
+    vision = vit_forward_flops(towers.dino.config, parameter_count(towers.dino)) + vit_forward_flops(
+        towers.siglip.config, parameter_count(towers.siglip)
     )
     connector = 2 * (parameter_count(inner.connector) + parameter_count(inner.projector)) * config.image_seq_length
     connector += sum(scan_flops(module, config.image_seq_length) for module in inner.connector.modules()

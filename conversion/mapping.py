@@ -18,11 +18,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from modeling_mlmamba.modeling_mlmamba import feature_depth
+
 DINO_PREFIX = "model.vision_tower.dino."
 SIGLIP_PREFIX = "model.vision_tower.siglip."
 ORIGINAL_PARTS = ("mlp", "bidirectional_mamba", "projector", "llm_backbone")
 
-# Source tensors that the converted model does not need, by source and whole-key pattern, with the reason.
+# Source tensors that the converted model does not need, by source and whole-key pattern, with the reason (the
+# towers' blocks after the feature layer and their final norms depend on the config: `unused_tower_keys`).
 DROPPED = {
     "siglip": {
         r"attn_pool\..+": "SigLIP's attention-pooling (MAP) head makes an image-level embedding; ML-Mamba uses "
@@ -32,6 +35,20 @@ DROPPED = {
         r"lm_head\.weight": "equal to backbone.embedding.weight (checked); our lm_head is tied to the embeddings",
     },
 }
+
+TRUNCATED_TOWER_REASON = (
+    "after the vision feature layer: the model builds each tower only up to `vision_feature_layer` (its features "
+    "are taken before the later blocks and the final norm)"
+)
+
+
+def unused_tower_keys(tower_config, feature_layer: int, name: str) -> dict[str, str]:
+    """The timm blocks after the feature layer and the final norm, which the truncated tower does not build."""
+    depth = feature_depth(tower_config, feature_layer, name)
+    unused = "|".join(map(str, range(depth, tower_config.num_hidden_layers)))
+    blocks = {rf"blocks\.({unused})\..+": TRUNCATED_TOWER_REASON} if unused else {}
+    return {**blocks, r"norm\.(weight|bias)": TRUNCATED_TOWER_REASON}
+
 
 # Target parameters with no source tensor, set to a constant.
 CONSTANTS = {
@@ -225,16 +242,18 @@ ORIGINAL_RULES: dict[str, list[Rule]] = {
 }
 
 
-def map_timm_dino(state_dict: Mapping, grid: tuple[int, int], hidden_size: int) -> Converted:
+def map_timm_dino(state_dict: Mapping, grid: tuple[int, int], hidden_size: int,
+                  dropped: Mapping[str, str] | None = None) -> Converted:
     """timm DINOv2-with-registers weights -> our `model.vision_tower.dino.*`, positions resampled to `grid`."""
-    result = apply_rules("DINOv2", state_dict, timm_dino_rules(grid), prefix=DINO_PREFIX)
+    result = apply_rules("DINOv2", state_dict, timm_dino_rules(grid), prefix=DINO_PREFIX, dropped=dropped or {})
     result.add(DINO_PREFIX + "embeddings.mask_token", torch.zeros(1, hidden_size), "a constant (see CONSTANTS)")
     return result
 
 
-def map_timm_siglip(state_dict: Mapping, grid: tuple[int, int]) -> Converted:
+def map_timm_siglip(state_dict: Mapping, grid: tuple[int, int], dropped: Mapping[str, str] | None = None) -> Converted:
     """timm SigLIP weights -> our `model.vision_tower.siglip.*`, pooling head dropped, positions on `grid`."""
-    return apply_rules("SigLIP", state_dict, timm_siglip_rules(grid), prefix=SIGLIP_PREFIX, dropped=DROPPED["siglip"])
+    return apply_rules("SigLIP", state_dict, timm_siglip_rules(grid), prefix=SIGLIP_PREFIX,
+                       dropped={**DROPPED["siglip"], **(dropped or {})})
 
 
 def untied_lm_head_problems(llm_backbone: Mapping) -> list[str]:
@@ -271,7 +290,10 @@ def map_original(checkpoint_model: Mapping) -> Converted:
 
 def map_all(config, checkpoint_model: Mapping, dino: Mapping, siglip: Mapping) -> Converted:
     """Every source of an `MLMambaConfig` model, mapped: vision towers on the config's patch grid, then the rest."""
-    result = map_timm_dino(dino, config.dino_grid, config.dino_config.hidden_size)
-    result.update(map_timm_siglip(siglip, config.siglip_grid))
+    layer = config.vision_feature_layer
+    result = map_timm_dino(dino, config.dino_grid, config.dino_config.hidden_size,
+                           unused_tower_keys(config.dino_config, layer, "dino_config"))
+    result.update(map_timm_siglip(siglip, config.siglip_grid,
+                                  unused_tower_keys(config.siglip_config, layer, "siglip_config")))
     result.update(map_original(checkpoint_model))
     return result

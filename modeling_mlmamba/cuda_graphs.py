@@ -261,7 +261,8 @@ class GenerationGraphs:
 
         The step runs the language model's `step` (explicit state tensors, no cache object) and the model's head."""
         conv, ssm = cache.layers[0].conv_states[0], cache.layers[0].recurrent_states[0]
-        key = (input_ids.shape[0], input_ids.device, conv.dtype, ssm.dtype)
+        fused = model.config.use_fused_decode_step
+        key = (input_ids.shape[0], input_ids.device, conv.dtype, ssm.dtype, fused)
         graph = self.decode_graphs.get(key)
         if graph is None or not graph.is_bound_to(cache):
             self._check_weights(model, cache, input_ids.device)
@@ -269,7 +270,7 @@ class GenerationGraphs:
                 language_model = model.model.language_model
 
                 def decode_step(ids, states, rates):
-                    return model.compute_logits(language_model.step(ids, states, rates))
+                    return model.compute_logits(language_model.step(ids, states, rates, fused))
 
                 self.decode_graphs[key] = DecodeGraph(
                     decode_step, language_model.decay_rates, input_ids, cache_states(cache), input_ids.is_cuda,

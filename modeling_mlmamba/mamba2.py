@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from .decode_kernels import decode_path, fused_decode_layers
+from .decode_kernels import selective_state_update as streaming_state_update
 from .gemv import decode_linear
 from .ssd import ssd_scan, ssd_step
 
@@ -229,12 +231,13 @@ class CausalMamba2Mixer(nn.Module):
             headdim=self.dims.head_dim, ngroups=self.dims.n_groups, norm_before_gate=False,
         )
 
-    def step(self, hidden_states, conv_state, ssm_state, A=None):
-        """One token (batch, hidden) -> (batch, hidden), updating both states in place (CUDA-graph friendly)."""
+    def step(self, hidden_states, conv_state, ssm_state, A=None, state_update=ssd_step):
+        """One token (batch, hidden) -> (batch, hidden), updating both states in place (CUDA-graph friendly).
+        `state_update` is `ssd.ssd_step` or a kernel with its arguments (`Mamba2LanguageModel.step` chooses)."""
         gate, xbc, dt = self.dims.split_projection(decode_linear(self.in_proj, hidden_states))
         x, B, C = self.dims.split_conv_output(causal_conv_step(xbc, conv_state, self.conv1d))
         A = decay_rates(self.A_log) if A is None else A
-        y = ssd_step(ssm_state, x, dt, A, B, C, D=self.D, dt_bias=self.dt_bias)
+        y = state_update(ssm_state, x, dt, A, B, C, D=self.D, dt_bias=self.dt_bias)
         return decode_linear(self.out_proj, self.norm(y.flatten(-2), gate))
 
 
@@ -252,9 +255,9 @@ class Mamba2LMBlock(GradientCheckpointingLayer):
         normed, residual = add_rms_norm(hidden_states, residual, self.norm, self.residual_in_fp32)
         return self.mixer(normed, cache=cache, attention_mask=attention_mask), residual
 
-    def step(self, hidden_states, residual, conv_state, ssm_state, A=None):
+    def step(self, hidden_states, residual, conv_state, ssm_state, A=None, state_update=ssd_step):
         normed, residual = add_rms_norm(hidden_states, residual, self.norm, self.residual_in_fp32)
-        return self.mixer.step(normed, conv_state, ssm_state, A), residual
+        return self.mixer.step(normed, conv_state, ssm_state, A, state_update), residual
 
 
 def padding_mask(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
@@ -276,6 +279,9 @@ def padding_mask(attention_mask: torch.Tensor | None, length: int) -> torch.Tens
 class Mamba2LanguageModel(nn.Module):
     """The Mamba-2 backbone (embeddings, blocks, final norm) with transformers' `Mamba2Model` parameter names."""
 
+    # Devices on which decode steps may run the Triton kernels of `decode_kernels.py` (`decode_path` decides when).
+    decode_kernel_devices = ("cuda",)
+
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -289,9 +295,16 @@ class Mamba2LanguageModel(nn.Module):
     def set_input_embeddings(self, value):
         self.embeddings = value
 
-    def forward(self, inputs_embeds, cache=None, attention_mask=None, output_hidden_states=False):
-        """Returns (final normed hidden states, the residual stream after each layer and the final output, or None)."""
+    def forward(self, inputs_embeds, cache=None, attention_mask=None, output_hidden_states=False,
+                fused_decode_step=True):
+        """Returns (final normed hidden states, the residual stream after each layer and the final output, or None).
+
+        One new token continuing `cache` runs the decode step, as a captured decode graph does, so eager and graph
+        decoding compute the same thing."""
         length = inputs_embeds.shape[1]
+        if length == 1 and cache is not None and cache.has_previous_state(0) and not output_hidden_states:
+            states = [(layer.conv_states[0], layer.recurrent_states[0]) for layer in cache.layers]
+            return self.decode(inputs_embeds[:, 0], states, fused=fused_decode_step)[:, None], None
         mask = None if length == 1 else padding_mask(attention_mask, length)
         hidden_states, residual = inputs_embeds, None
         all_hidden_states = () if output_hidden_states else None
@@ -308,11 +321,25 @@ class Mamba2LanguageModel(nn.Module):
         """Each layer's A: fixed for given weights, so a decode graph computes them once per `generate()` call."""
         return [decay_rates(layer.mixer.A_log) for layer in self.layers]
 
-    def step(self, input_ids, states, rates=None):
+    def step(self, input_ids, states, rates=None, fused=True):
         """One token per sequence (batch,) -> final normed hidden (batch, hidden); `states` holds each layer's
-        (conv_state, ssm_state), updated in place; `rates` optionally each layer's precomputed A."""
-        hidden_states, residual = self.embeddings(input_ids), None
-        for layer, (conv_state, ssm_state), A in zip(self.layers, states, rates or [None] * len(self.layers)):
-            hidden_states, residual = layer.step(hidden_states, residual, conv_state, ssm_state, A)
+        (conv_state, ssm_state), updated in place; `rates` optionally each layer's precomputed A; `fused=False`
+        keeps the per-op step."""
+        return self.decode(self.embeddings(input_ids), states, rates, fused)
+
+    def decode(self, inputs_embeds, states, rates=None, fused=True):
+        """`step` from embeddings (batch, hidden). The one place that picks the step's kernels
+        (`decode_kernels.decode_path`): the fused three-kernel step, the per-op step with the streaming state
+        update, or the per-op step with mamba_ssm's kernels (CUDA) or PyTorch (elsewhere)."""
+        rates = rates or self.decay_rates()
+        path = decode_path(self, inputs_embeds, states, fused, self.decode_kernel_devices)
+        if path == "fused":
+            residual = fused_decode_layers(self.layers, inputs_embeds, states, rates, self.config.residual_in_fp32)
+            normed, _ = add_rms_norm(residual, None, self.norm_f, self.config.residual_in_fp32)
+            return normed.to(inputs_embeds.dtype)
+        state_update = streaming_state_update if path == "streaming" else ssd_step
+        hidden_states, residual = inputs_embeds, None
+        for layer, (conv_state, ssm_state), A in zip(self.layers, states, rates):
+            hidden_states, residual = layer.step(hidden_states, residual, conv_state, ssm_state, A, state_update)
         normed, _ = add_rms_norm(hidden_states, residual, self.norm_f, self.config.residual_in_fp32)
         return normed

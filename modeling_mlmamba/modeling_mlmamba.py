@@ -4,6 +4,7 @@ Read top to bottom: the vision tower, the projector, the base model that merges 
 token sequence, and the generation head. The connector lives in `connector.py`, the scan in `ssd.py`.
 """
 
+import copy
 import math
 import os
 from dataclasses import dataclass
@@ -44,18 +45,61 @@ class MLMambaCausalLMOutput(Mamba2CausalLMOutput):
     image_hidden_states: torch.FloatTensor | None = None
 
 
+def feature_depth(tower_config, feature_layer: int, name: str) -> int:
+    """How many blocks a tower runs so that its output is `hidden_states[feature_layer]` of the full tower, where
+    entry 0 is the embeddings and entry -1 the last block (before the final norm)."""
+    layers = tower_config.num_hidden_layers
+    depth = feature_layer + layers + 1 if feature_layer < 0 else feature_layer
+    if not 0 <= depth <= layers:
+        raise ValueError(
+            f"vision_feature_layer {feature_layer} does not index the hidden states of {name} ({layers} layers: "
+            f"entries 0 to {layers} or -{layers + 1} to -1); choose one inside that range"
+        )
+    return depth
+
+
+def with_depth(tower_config, depth: int):
+    """A copy of `tower_config` building only `depth` blocks; the config itself keeps the pretrained depth."""
+    truncated = copy.deepcopy(tower_config)
+    truncated.num_hidden_layers = depth
+    return truncated
+
+
+def unused_block_patterns(prefix: str, depth: int, tower_config) -> list[str]:
+    """Key patterns of the pretrained blocks after the first `depth`, which the truncated tower does not build."""
+    unused = range(depth, tower_config.num_hidden_layers)
+    return [rf"{prefix}\.({'|'.join(map(str, unused))})\."] if unused else []
+
+
 class MLMambaVisionTower(nn.Module):
     """DINOv2-with-registers and SigLIP side by side: patch features of one layer, concatenated on channels.
 
     `pixel_values` is (images, 2, 3, H, W): index 0 normalised for DINOv2, index 1 for SigLIP, so both
-    towers' inputs travel as one tensor through `generate()` and the processor.
+    towers' inputs travel as one tensor through `generate()` and the processor. Each tower is built only up to
+    `vision_feature_layer` (the blocks after it and the final norm would run for nothing and, in training, leave
+    parameters without gradients); the configs keep the pretrained depth.
     """
 
     def __init__(self, config: MLMambaConfig):
         super().__init__()
-        self.dino = AutoModel.from_config(config.dino_config)
-        self.siglip = AutoModel.from_config(config.siglip_config)
-        self.feature_layer = config.vision_feature_layer
+        dino_depth = feature_depth(config.dino_config, config.vision_feature_layer, "dino_config")
+        siglip_depth = feature_depth(config.siglip_config, config.vision_feature_layer, "siglip_config")
+        self.dino = AutoModel.from_config(with_depth(config.dino_config, dino_depth))
+        self.siglip = AutoModel.from_config(with_depth(config.siglip_config, siglip_depth))
+        # The features are taken before each tower's final norm, so `last_hidden_state` is the feature itself.
+        self.dino.layernorm = nn.Identity()
+        self.siglip.post_layernorm = nn.Identity()
+        # DINOv2 reads `mask_token` only to mask patches in self-supervised training: a buffer under the same
+        # state-dict key, so that training every tower parameter leaves none without a gradient.
+        mask_token = self.dino.embeddings.mask_token.data
+        del self.dino.embeddings.mask_token
+        self.dino.embeddings.register_buffer("mask_token", mask_token)
+        # Folders saved with the full towers hold the blocks after the feature layer and the final norms.
+        self._keys_to_ignore_on_load_unexpected = [
+            *unused_block_patterns(r"vision_tower\.dino\.encoder\.layer", dino_depth, config.dino_config),
+            *unused_block_patterns(r"vision_tower\.siglip\.encoder\.layers", siglip_depth, config.siglip_config),
+            r"vision_tower\.dino\.layernorm\.", r"vision_tower\.siglip\.post_layernorm\.",
+        ]
         # The released model uses patch tokens only: DINOv2 puts CLS and its registers first.
         self.dino_prefix_tokens = 1 + config.dino_config.num_register_tokens
         self.image_size = (config.dino_config.image_size, config.siglip_config.image_size)
@@ -65,10 +109,9 @@ class MLMambaVisionTower(nn.Module):
         trainable = any(p.requires_grad for p in self.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
             # Each tower casts the pixels to its patch embedding's dtype itself.
-            dino = self.dino(pixel_values[:, 0], output_hidden_states=True)
-            siglip = self.siglip(pixel_values[:, 1], output_hidden_states=True)
-        dino_patches = dino.hidden_states[self.feature_layer][:, self.dino_prefix_tokens :]
-        siglip_patches = siglip.hidden_states[self.feature_layer]
+            dino = self.dino(pixel_values[:, 0]).last_hidden_state
+            siglip_patches = self.siglip(pixel_values[:, 1]).last_hidden_state
+        dino_patches = dino[:, self.dino_prefix_tokens :]
         return torch.cat([dino_patches, siglip_patches.to(dino_patches.dtype)], dim=-1)
 
 
@@ -237,6 +280,7 @@ class MLMambaModel(MLMambaPreTrainedModel):
             cache=cache if use_cache else None,
             attention_mask=attention_mask,
             output_hidden_states=output_hidden_states or self.config.output_hidden_states,
+            fused_decode_step=self.config.use_fused_decode_step,
         )
         return MLMambaModelOutput(
             last_hidden_state=last_hidden_state,

@@ -29,8 +29,8 @@ def test_model_flops_agree_with_torch_flop_counter_on_a_forward_pass(benchmark, 
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(**{key: value[None] for key, value in sample.items() if key != "labels"})
     towers = model.model.vision_tower
-    vision = benchmark.vit_forward_flops(config.dino_config, benchmark.parameter_count(towers.dino)) + (
-        benchmark.vit_forward_flops(config.siglip_config, benchmark.parameter_count(towers.siglip))
+    vision = benchmark.vit_forward_flops(towers.dino.config, benchmark.parameter_count(towers.dino)) + (
+        benchmark.vit_forward_flops(towers.siglip.config, benchmark.parameter_count(towers.siglip))
     )
     training = benchmark.model_flops_per_sample(model, config.image_seq_length + TEXT_TOKENS)
     forward = vision + (training - vision) / 3  # the trainable part is counted 3x (forward and backward)

@@ -145,9 +145,14 @@ def test_every_saved_tensor_comes_from_the_sources(sources, converted, model):
     assert torch.equal(positions[:, 0], torch.zeros_like(positions[:, 0]))
     assert torch.equal(positions[:, 1:], sources.dino.pos_embed.detach())  # timm's own resampling
     assert torch.equal(saved.pop(siglip + "embeddings.position_embedding.weight"), sources.siglip.pos_embed[0].detach())
-    # Final norms are not on the feature path (second-to-last layer), so the logits cannot vouch for them.
-    assert torch.equal(saved[dino + "layernorm.weight"], sources.dino.norm.weight.detach())
-    assert torch.equal(saved[siglip + "post_layernorm.bias"], sources.siglip.norm.bias.detach())
+    # The towers end at the feature layer (the second-to-last block): the last blocks and final norms are dropped.
+    last_dino, last_siglip = len(sources.dino.blocks) - 1, len(sources.siglip.blocks) - 1
+    assert dino + f"encoder.layer.{last_dino - 1}.mlp.fc2.weight" in saved
+    assert siglip + f"encoder.layers.{last_siglip - 1}.mlp.fc2.weight" in saved
+    assert not [name for name in saved if name.startswith((
+        dino + f"encoder.layer.{last_dino}.", siglip + f"encoder.layers.{last_siglip}.", dino + "layernorm.",
+        siglip + "post_layernorm.",
+    ))]
     for name, tensor in saved.items():
         assert any(c.shape == tensor.shape and torch.equal(c, tensor) for c in candidates), name
     assert model.lm_head.weight is model.get_input_embeddings().weight

@@ -132,10 +132,10 @@ def test_fsdp_config_wraps_every_repeated_block_the_model_names():
     class_names = {type(module).__name__ for module in model.modules()}
     assert set(model._no_split_modules) <= class_names, set(model._no_split_modules) - class_names
     wrapped = [type(module).__name__ for module in model.modules() if wraps(module)]
-    config = model.config
-    assert sorted(wrapped) == sorted(
-        ["Dinov2WithRegistersLayer"] * config.dino_config.num_hidden_layers
-        + ["SiglipEncoderLayer"] * config.siglip_config.num_hidden_layers
+    config, towers = model.config, model.model.vision_tower
+    assert sorted(wrapped) == sorted(  # the towers' blocks up to the feature layer, which is all they build
+        ["Dinov2WithRegistersLayer"] * len(towers.dino.encoder.layer)
+        + ["SiglipEncoderLayer"] * len(towers.siglip.encoder.layers)
         + ["MLMambaConnectorBlock"] * len(model.model.connector.layers)
         + ["Mamba2LMBlock"] * config.text_config.num_hidden_layers
     )

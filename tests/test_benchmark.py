@@ -1,0 +1,48 @@
+"""benchmarks/benchmark.py end to end with tiny models on the CPU (`--tiny`): every row and the profile, so the script
+keeps up with the model's generation code (the GPU numbers in docs/benchmarks.md come from it)."""
+
+import json
+import math
+
+import pytest
+from conftest import load_example
+
+
+def test_tiny_benchmark_measures_every_row_and_checks_greedy_tokens(tmp_path, capsys):
+    benchmark = load_example("benchmark", "benchmarks")
+    results = benchmark.main(["--tiny", "--json", str(tmp_path / "results.json")])
+    assert json.loads((tmp_path / "results.json").read_text())["decode"] == results["decode"]
+    plan = benchmark.Plan.tiny()
+    assert set(results["decode"]) == {f"batch{b}_{kind}" for b in plan.batches for kind in ("fused", "per_op")}
+    # Tiny timings are noise (a decode rate is a difference of two short calls): only their presence is checked.
+    assert all(math.isfinite(entry["tokens_per_s"]) for entry in results["decode"].values())
+    assert set(results["bandwidth"]["bound_tokens_per_s"]) == {f"batch{b}" for b in plan.batches}
+    assert results["ttft_ms"] > 0 and results["paper_metric"]["generated_tokens"] == plan.new_tokens
+    assert set(results["prefill_breakdown_ms"]) == {"vision towers", "connector+projector", "LM prefill"}
+    assert set(results["ttft_split_ms"]) == {"generate_1_token", "forward", "forward_device_time"}
+    assert set(results["many_images"]) == set(results["llava"]) - {"parameters_billion", "images1"} == {
+        f"images{n}" for n in plan.image_counts}
+    seq = plan.config.image_seq_length
+    assert results["many_images"]["images3"]["prompt_tokens"] == 3 * seq + benchmark.PROMPT_TEXT_TOKENS
+    assert results["released"] == {"skipped": "needs a CUDA GPU and mamba_ssm"}
+    for check in results["greedy_checks"]:
+        assert check["fused_identical_with_and_without_graphs"] and check["per_op_identical_with_and_without_graphs"]
+        assert check["fused_vs_per_op_identical_tokens"]  # on the CPU both take the reference step
+    printed = capsys.readouterr().out
+    assert "ratio to the released path" in printed and "decode batch3, fused step" in printed
+
+
+def test_tiny_profile_lists_the_kernels_of_prefill_and_both_decode_steps(tmp_path):
+    benchmark = load_example("benchmark", "benchmarks")
+    results = benchmark.main(["--tiny", "--profile", "--json", str(tmp_path / "profile.json")])
+    for name in ("profile_lm_prefill_top_ops", "profile_decode_step_fused_kernels",
+                 "profile_decode_step_per_op_kernels"):
+        assert "Name" in results[name]
+    assert json.loads((tmp_path / "profile.json").read_text()) == json.loads(json.dumps(results))
+
+
+def test_full_size_run_needs_a_gpu(monkeypatch):
+    benchmark = load_example("benchmark", "benchmarks")
+    monkeypatch.setattr(benchmark.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        benchmark.main(["--json", "unused.json"])
