@@ -34,7 +34,7 @@ import transformers
 from transformers import DynamicCache
 
 from modeling_mlmamba import MLMambaConfig, MLMambaForConditionalGeneration
-from modeling_mlmamba.cuda_graphs import GenerationGraphs
+from modeling_mlmamba.cuda_graphs import GenerationGraphs, cache_states
 
 PROMPT_TEXT_TOKENS = 31  # + 729 image tokens = the paper's 760-token prompt
 QUESTION_TOKENS = 32
@@ -565,8 +565,9 @@ def profile(plan, results):
             lm(embeds)
             synchronize(plan.device)
         results["profile_lm_prefill_top_ops"] = prof.key_averages().table(sort_by=by_time, row_limit=15)
-        graph = next(iter(model.cuda_graphs.decode_graphs.values()))
-        states = [(conv.clone(), ssm.clone()) for conv, ssm in graph.states]
+        cache = DynamicCache(config=model.config.text_config)
+        model(input_ids=ids, pixel_values=pixels, cache=cache, logits_to_keep=1)
+        states = [(conv.clone(), ssm.clone()) for conv, ssm in cache_states(cache)]
         token = ids[:, -1]
         for fused in (True, False):
             lm.step(token, states, fused=fused)

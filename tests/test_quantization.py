@@ -402,6 +402,25 @@ def quantized_storage(model) -> list[torch.Tensor]:
     return [(p.qdata if hasattr(p, "qdata") else p.data).clone() for p in model.parameters() if not is_dense_weight(p)]
 
 
+def assert_same_greedy_answers(reference, quantized, inputs, new_tokens: int = 2) -> None:
+    """The quantized model picks the reference's greedy token wherever the reference's choice is clearer than the
+    two models' logit difference (a near-tie of a random tiny model may flip either way), comparing step by step
+    while both answers still share their prefix."""
+    answers = [model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, output_logits=True,
+                              return_dict_in_generate=True) for model in (reference, quantized)]
+    prompt = inputs["input_ids"].shape[1]
+    compared = 0
+    for step, (expected, actual) in enumerate(zip(answers[0].logits, answers[1].logits)):
+        top_two = expected.float().topk(2).values
+        clear = top_two[:, 0] - top_two[:, 1] > 2 * (expected.float() - actual.float()).abs().amax(-1)
+        tokens = [answer.sequences[:, prompt + step] for answer in answers]
+        assert torch.equal(tokens[0][clear], tokens[1][clear]), f"step {step}: {tokens}"
+        compared += int(clear.sum())
+        if not torch.equal(*tokens):
+            break
+    assert compared, "every greedy choice was a near-tie: nothing was compared"
+
+
 @pytest.mark.parametrize("quantization", formats("bnb-nf4", "torchao-int8"))
 def test_qlora_adapter_trains_on_the_quantized_lm_and_serves_both_bases(saved_model, quantization, tmp_path):
     torch.manual_seed(0)
@@ -429,8 +448,7 @@ def test_qlora_adapter_trains_on_the_quantized_lm_and_serves_both_bases(saved_mo
     on_quantized = PeftModel.from_pretrained(load(saved_model, quantization), tmp_path / "adapter").eval()
     base_error = relative_error(logits(load(saved_model, quantization), inputs), logits(load(saved_model), inputs))
     assert relative_error(logits(on_quantized, inputs), logits(on_dense, inputs)) <= 2 * base_error + 1e-3
-    answers = [served.generate(**inputs, max_new_tokens=2, do_sample=False) for served in (on_dense, on_quantized)]
-    assert torch.equal(answers[0], answers[1])
+    assert_same_greedy_answers(on_dense, on_quantized, inputs)
 
     merged = PeftModel.from_pretrained(load(saved_model), tmp_path / "adapter").merge_and_unload().eval()
     assert type(merged) is MLMambaForConditionalGeneration and not quantized_parameters(merged)

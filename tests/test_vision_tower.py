@@ -54,7 +54,10 @@ def test_towers_build_only_the_blocks_the_features_need():
 
 @pytest.mark.parametrize("feature_layer", [-5, 4])
 def test_feature_layer_outside_the_towers_is_rejected(feature_layer):
-    config = MLMambaConfig.tiny(vision_feature_layer=feature_layer)
+    with pytest.raises(ValueError, match=rf"vision_feature_layer {feature_layer} is beyond dino_config"):
+        MLMambaConfig.tiny(vision_feature_layer=feature_layer)
+    config = MLMambaConfig.tiny()
+    config.vision_feature_layer = feature_layer  # set after the config's own checks
     with pytest.raises(ValueError, match=rf"vision_feature_layer {feature_layer} does not index .*dino_config"):
         MLMambaVisionTower(config)
 
