@@ -62,7 +62,9 @@ def test_sub_config_overrides_from_the_command_line_build_the_merged_model(tmp_p
     model, _ = build_model_and_processor(
         new_model_arguments(tmp_path, config_overrides='{"siglip_config": {"num_hidden_layers": 2}}')
     )
-    assert len(model.model.vision_tower.siglip.encoder.layers) == 2
+    assert model.config.siglip_config.num_hidden_layers == 2
+    # The tower is built up to its feature layer (-2: the second-to-last of the 2 blocks).
+    assert len(model.model.vision_tower.siglip.encoder.layers) == 1
     assert model.config.siglip_config.hidden_size == 48 and model.config.text_config.hidden_size == 64
 
 
