@@ -40,7 +40,7 @@ def relative_error(actual, expected):
 
 def outputs(model, ids, pixels):
     with torch.no_grad():
-        features = model.model.vision_tower(pixels).to(model.dtype)
+        features = model.model.vision_tower(pixels).last_hidden_state.to(model.dtype)
         connector = model.model.connector(features)
         logits = model(input_ids=ids, pixel_values=pixels).logits
     return connector, logits

@@ -11,7 +11,9 @@ import torch
 from torch import nn
 from transformers import AutoModel, DynamicCache, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 from transformers.models.mamba2.modeling_mamba2 import Mamba2CausalLMOutput, Mamba2Output
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_mlmamba import MLMambaConfig
 from .connector import MLMambaConnector, ScanDirection
@@ -22,6 +24,19 @@ from .mamba2 import CausalMamba2Mixer, GatedRMSNorm, Mamba2LanguageModel, RMSNor
 # transformers up to 5.2x passes a Mamba cache as `cache_params`, later releases call it `cache`; the
 # language model's own output class tells us which name this installation uses.
 CACHE_NAME = "cache" if "cache" in Mamba2CausalLMOutput.__dataclass_fields__ else "cache_params"
+CACHE_ALIASES = ("cache", "cache_params", "past_key_values")
+
+
+def pick_cache(**caches):
+    """The recurrent cache, under whichever name it came: `cache` (transformers' name from 5.2x on),
+    `cache_params` (earlier releases' name for a Mamba cache) or `past_key_values` (most models' name)."""
+    given = {name: cache for name, cache in caches.items() if cache is not None}
+    if len({id(cache) for cache in given.values()}) > 1:
+        raise ValueError(
+            f"got different caches as {' and '.join(given)}; pass the recurrent cache once (any one of "
+            f"{', '.join(CACHE_ALIASES)})"
+        )
+    return next(iter(given.values()), None)
 
 
 @dataclass
@@ -30,12 +45,22 @@ class MLMambaModelOutput(Mamba2Output):
 
     image_hidden_states: torch.FloatTensor | None = None
 
+    @property
+    def past_key_values(self):
+        """The recurrent cache, under the name most transformers models use, on every supported release."""
+        return getattr(self, CACHE_NAME)
+
 
 @dataclass
 class MLMambaCausalLMOutput(Mamba2CausalLMOutput):
     """Loss, logits and recurrent cache, plus the projected image features of this forward."""
 
     image_hidden_states: torch.FloatTensor | None = None
+
+    @property
+    def past_key_values(self):
+        """The recurrent cache, under the name most transformers models use, on every supported release."""
+        return getattr(self, CACHE_NAME)
 
 
 class MLMambaVisionTower(nn.Module):
@@ -54,7 +79,11 @@ class MLMambaVisionTower(nn.Module):
         self.dino_prefix_tokens = 1 + config.dino_config.num_register_tokens
         self.image_size = (config.dino_config.image_size, config.siglip_config.image_size)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool = False, output_attentions: bool = False
+    ) -> BaseModelOutput:
+        """`last_hidden_state`: both towers' patch features of `vision_feature_layer`, side by side (images, patches,
+        DINOv2 + SigLIP channels). `hidden_states` and `attentions`, when asked for: DINOv2's, then SigLIP's."""
         if pixel_values.ndim != 5 or pixel_values.shape[1:3] != (2, 3):
             raise ValueError(
                 "pixel_values must have shape (images, 2, 3, height, width): one DINOv2- and one "
@@ -67,12 +96,17 @@ class MLMambaVisionTower(nn.Module):
                     f"{tower_size}x{tower_size}; resize the images (the processor does this)"
                 )
         trainable = any(p.requires_grad for p in self.parameters())
+        towers = dict(output_hidden_states=True, output_attentions=output_attentions)
         with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
-            dino = self.dino(pixel_values[:, 0].to(self.dino.dtype), output_hidden_states=True)
-            siglip = self.siglip(pixel_values[:, 1].to(self.siglip.dtype), output_hidden_states=True)
+            dino = self.dino(pixel_values[:, 0].to(self.dino.dtype), **towers)
+            siglip = self.siglip(pixel_values[:, 1].to(self.siglip.dtype), **towers)
         dino_patches = dino.hidden_states[self.feature_layer][:, self.dino_prefix_tokens :]
         siglip_patches = siglip.hidden_states[self.feature_layer]
-        return torch.cat([dino_patches, siglip_patches.to(dino_patches.dtype)], dim=-1)
+        return BaseModelOutput(
+            last_hidden_state=torch.cat([dino_patches, siglip_patches.to(dino_patches.dtype)], dim=-1),
+            hidden_states=dino.hidden_states + siglip.hidden_states if output_hidden_states else None,
+            attentions=dino.attentions + siglip.attentions if output_attentions else None,
+        )
 
 
 class MLMambaProjector(nn.Module):
@@ -103,7 +137,12 @@ class MLMambaPreTrainedModel(PreTrainedModel):
     _no_split_modules = [
         "Mamba2LMBlock", "MLMambaConnectorBlock", "Dinov2WithRegistersLayer", "SiglipEncoderLayer",
     ]
+    # Attention lives in the vision towers only, and both tower classes support every backend; v5 hands the
+    # requested `attn_implementation` to each sub-config (or a dict gives one per sub-config name).
     _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
     _is_stateful = True
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -152,11 +191,30 @@ class MLMambaModel(MLMambaPreTrainedModel):
     def set_input_embeddings(self, value):
         self.language_model.set_input_embeddings(value)
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Projected image features, (images, image_seq_length, text hidden size), ready to be placed in the LM."""
-        features = self.vision_tower(pixel_values)
-        features = features.to(self.projector.layers[0].weight.dtype)
-        return self.projector(self.connector(features))
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+    ) -> BaseModelOutputWithPooling:
+        """The image features the LM reads, laid out as transformers' VLMs return them: `pooler_output` holds one
+        entry per image, its projected features (image_seq_length, text hidden size); `last_hidden_state` the
+        towers' patch features that the connector reads; `hidden_states` / `attentions` the towers' (DINOv2's,
+        then SigLIP's), when asked for. `return_dict=False` gives the same as a tuple."""
+        vision = self.vision_tower(
+            pixel_values,
+            output_hidden_states=self.config.output_hidden_states if output_hidden_states is None else output_hidden_states,
+            output_attentions=self.config.output_attentions if output_attentions is None else output_attentions,
+        )
+        features = vision.last_hidden_state.to(self.projector.layers[0].weight.dtype)
+        projected = self.projector(self.connector(features))
+        return BaseModelOutputWithPooling(
+            last_hidden_state=vision.last_hidden_state,
+            pooler_output=list(projected),
+            hidden_states=vision.hidden_states,
+            attentions=vision.attentions,
+        )
 
     def image_placeholder_mask(self, input_ids, inputs_embeds) -> torch.Tensor:
         """Where the image placeholder tokens are: (batch, length) booleans."""
@@ -167,6 +225,7 @@ class MLMambaModel(MLMambaPreTrainedModel):
         )
         return (inputs_embeds == placeholder).all(-1)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -175,6 +234,7 @@ class MLMambaModel(MLMambaPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         cache=None,
         cache_params=None,
+        past_key_values=None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         **kwargs,
@@ -183,12 +243,13 @@ class MLMambaModel(MLMambaPreTrainedModel):
         pixel_values (`torch.FloatTensor` of shape `(images, 2, 3, height, width)`, *optional*):
             Each image normalised for DINOv2 (index 0) and for SigLIP (index 1); `MLMambaProcessor` makes them.
             Their features replace the `config.image_token_id` placeholders of the prompts, in order.
-        cache / cache_params (`Cache`, *optional*):
-            The recurrent state of the language model; `cache_params` is the name older transformers use.
+        cache / cache_params / past_key_values (`Cache`, *optional*):
+            The recurrent state of the language model, under any of transformers' names for it. It holds the state
+            after the tokens it has seen: continuing it, pass only the tokens it has not seen.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        cache = cache if cache is not None else cache_params
+        cache = pick_cache(cache=cache, cache_params=cache_params, past_key_values=past_key_values)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
@@ -197,7 +258,7 @@ class MLMambaModel(MLMambaPreTrainedModel):
         image_features = None
         if pixel_values is not None:
             # Image after image, into the placeholder positions of the sequence.
-            image_features = self.get_image_features(pixel_values)
+            image_features = torch.stack(self.get_image_features(pixel_values, return_dict=True).pooler_output)
             mask = placeholders[..., None].expand_as(inputs_embeds)
             inputs_embeds = inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))
 
@@ -270,9 +331,10 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model.get_image_features(pixel_values)
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        return self.model.get_image_features(pixel_values, **kwargs)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -282,6 +344,7 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         cache=None,
         cache_params=None,
+        past_key_values=None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
@@ -293,8 +356,10 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
             placeholder positions whatever their label.
         logits_to_keep (`int` or `torch.Tensor`, *optional*):
             Compute logits for only the last `logits_to_keep` positions (0: all); `generate()` sets 1.
+        cache / cache_params / past_key_values (`Cache`, *optional*):
+            The recurrent state of the language model, under any of transformers' names for it (see `MLMambaModel`).
         """
-        cache = cache if cache is not None else cache_params
+        cache = pick_cache(cache=cache, cache_params=cache_params, past_key_values=past_key_values)
         logits = self.cuda_graphs.replay(
             self, cache, input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
             inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache, output_hidden_states=output_hidden_states,
@@ -333,6 +398,20 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
             image_hidden_states=outputs.image_hidden_states,
             **{CACHE_NAME: outputs[CACHE_NAME] if CACHE_NAME in outputs else None},
         )
+
+    def generate(self, *args, **kwargs):
+        """`GenerationMixin.generate`, taking the recurrent cache as `past_key_values`, `cache` or `cache_params` on
+        every supported transformers release: it goes on under the name this release's `generate` uses for a Mamba
+        cache (`cache`, or `cache_params` before 5.2x).
+
+        The cache holds the state after the tokens it has seen, not the tokens, and `generate` feeds `input_ids`
+        to it whole: to continue a conversation, pass only the tokens it has not seen. After a `generate` call that
+        is its last generated token (sampled but never fed back) followed by the new turn.
+        """
+        cache = pick_cache(**{name: kwargs.pop(name, None) for name in CACHE_ALIASES})
+        if cache is not None:
+            kwargs[CACHE_NAME] = cache
+        return super().generate(*args, **kwargs)
 
     def prepare_inputs_for_generation(self, input_ids, is_first_iteration=False, **kwargs):
         """After the first step the prompt and its images live in the recurrent state: decode steps take only the
