@@ -158,6 +158,19 @@ class MLMambaPreTrainedModel(PreTrainedModel):
             }
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
+        """transformers' resize (input embeddings, the tied LM head and `text_config.vocab_size` together), refusing
+        a size that would drop the image placeholder token `config.image_token_id`."""
+        if new_num_tokens is not None:
+            multiple = pad_to_multiple_of or 1
+            if math.ceil(new_num_tokens / multiple) * multiple <= self.config.image_token_id:
+                raise ValueError(
+                    f"new_num_tokens={new_num_tokens} would drop the image placeholder token (config.image_token_id="
+                    f"{self.config.image_token_id}); keep at least {self.config.image_token_id + 1} tokens, or first "
+                    "set config.image_token_id to a token of the new vocabulary"
+                )
+        return super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, (ScanDirection, CausalMamba2Mixer)):
@@ -202,10 +215,12 @@ class MLMambaModel(MLMambaPreTrainedModel):
         entry per image, its projected features (image_seq_length, text hidden size); `last_hidden_state` the
         towers' patch features that the connector reads; `hidden_states` / `attentions` the towers' (DINOv2's,
         then SigLIP's), when asked for. `return_dict=False` gives the same as a tuple."""
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
         vision = self.vision_tower(
-            pixel_values,
-            output_hidden_states=self.config.output_hidden_states if output_hidden_states is None else output_hidden_states,
-            output_attentions=self.config.output_attentions if output_attentions is None else output_attentions,
+            pixel_values, output_hidden_states=output_hidden_states, output_attentions=output_attentions
         )
         features = vision.last_hidden_state.to(self.projector.layers[0].weight.dtype)
         projected = self.projector(self.connector(features))
@@ -263,13 +278,15 @@ class MLMambaModel(MLMambaPreTrainedModel):
             inputs_embeds = inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))
 
         use_cache = use_cache if use_cache is not None else (self.config.text_config.use_cache and not self.training)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config.text_config)
         last_hidden_state, hidden_states = self.language_model(
             inputs_embeds,
             cache=cache if use_cache else None,
             attention_mask=attention_mask,
-            output_hidden_states=output_hidden_states or self.config.output_hidden_states,
+            output_hidden_states=output_hidden_states,
         )
         return MLMambaModelOutput(
             last_hidden_state=last_hidden_state,
