@@ -194,8 +194,6 @@ class GenerationGraphs:
             return
         fingerprint = weights_fingerprint(model)
         if fingerprint != self.fingerprint:
-            for graph in self.decode_graphs.values():
-                graph.release()
             self.prefill_graphs.clear()
             self.decode_graphs.clear()
             self.failed_captures.clear()
