@@ -42,7 +42,8 @@ if triton is not None:
 
 def decode_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`module(x)` for x of shape (rows, in_features); the Triton kernel when it applies (one row, CUDA, a plain
-    bias-free bf16/fp16 Linear)."""
+    bias-free bf16/fp16 Linear whose weight is on x's device: an offloaded weight is loaded only by calling the
+    module)."""
     weight = getattr(module, "weight", None)
     if (
         triton is None
@@ -51,6 +52,7 @@ def decode_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         or type(module) is not nn.Linear
         or module.bias is not None
         or weight.dtype not in (torch.bfloat16, torch.float16)
+        or weight.device != x.device
         or x.dtype != weight.dtype
         or not weight.is_contiguous()
     ):
