@@ -105,9 +105,18 @@ def capture_graph(fn, inputs, pool):
                 graph.capture_end()
         except Exception as error:
             graph.reset()
+            end_rng_capture_mode()
             raise GraphCaptureError(f"CUDA graph capture failed: {error}") from error
     torch.cuda.current_stream().wait_stream(side)
     return graph, outputs
+
+
+def end_rng_capture_mode() -> None:
+    """A failed capture can leave the CUDA RNG in capture mode (PyTorch 2.11 ends it only in a successful capture's
+    epilogue), and the next random number then raises; a trivial capture that succeeds ends it."""
+    scratch = torch.zeros(1, device="cuda")
+    with torch.cuda.graph(torch.cuda.CUDAGraph()):
+        scratch.add_(1)
 
 
 class GraphedCall:
