@@ -5,6 +5,7 @@ token sequence, and the generation head. The connector lives in `connector.py`, 
 """
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -29,13 +30,19 @@ CACHE_ALIASES = ("cache", "cache_params", "past_key_values")
 
 def pick_cache(**caches):
     """The recurrent cache, under whichever name it came: `cache` (transformers' name from 5.2x on),
-    `cache_params` (earlier releases' name for a Mamba cache) or `past_key_values` (most models' name)."""
+    `cache_params` (earlier releases' name for a Mamba cache) or `past_key_values` (most models' name). Where the
+    installed transformers calls it `cache`, the other two are deprecated there and warn, as transformers' own
+    models do."""
     given = {name: cache for name, cache in caches.items() if cache is not None}
     if len({id(cache) for cache in given.values()}) > 1:
         raise ValueError(
             f"got different caches as {' and '.join(given)}; pass the recurrent cache once (any one of "
             f"{', '.join(CACHE_ALIASES)})"
         )
+    if CACHE_NAME == "cache":
+        for name in given.keys() - {"cache"}:
+            warnings.warn(f"`{name}` is deprecated: this transformers release names the recurrent cache `cache`; "
+                          "pass it as `cache`", FutureWarning, stacklevel=3)
     return next(iter(given.values()), None)
 
 

@@ -3,6 +3,7 @@ resizing the vocabulary, the recurrent cache under every name a transformers rel
 
 import copy
 import importlib.util
+import warnings
 
 import pytest
 import torch
@@ -144,6 +145,8 @@ def test_generate_continues_a_conversation_from_its_cache(model, cache_name):
 
 
 def test_forward_takes_the_cache_under_every_name_and_returns_it_as_past_key_values(model):
+    """Where transformers names the cache `cache` (5.2x on), the older names work and warn as deprecated, as in
+    transformers' own models; before, they are this release's names and do not warn."""
     ids, pixels = prompt(model.config)
     token = torch.tensor([[9]])
     with torch.no_grad():
@@ -152,8 +155,12 @@ def test_forward_takes_the_cache_under_every_name_and_returns_it_as_past_key_val
         assert cache is prefill[CACHE_NAME]
         reference = model(input_ids=token, cache=copy.deepcopy(cache)).logits
         for name in ("past_key_values", "cache_params"):
-            out = model(input_ids=token, **{name: copy.deepcopy(cache)})
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                out = model(input_ids=token, **{name: copy.deepcopy(cache)})
             assert torch.equal(out.logits, reference)
+            deprecated = [w for w in caught if f"`{name}` is deprecated" in str(w.message)]
+            assert len(deprecated) == (1 if CACHE_NAME == "cache" else 0)
         with pytest.raises(ValueError, match="got different caches as cache and past_key_values"):
             model(input_ids=token, cache=cache, past_key_values=copy.deepcopy(cache))
 
