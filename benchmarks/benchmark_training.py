@@ -71,13 +71,14 @@ def vit_forward_flops(vision_config, parameters: int) -> float:
     return 2 * parameters * tokens + 4 * vision_config.num_hidden_layers * tokens**2 * vision_config.hidden_size
 
 
-def scan_flops(mixer, length: int) -> float:
-    """Matmul FLOPs of the chunked SSD scans of one Mamba-2 mixer over `length` positions, per direction counted:
-    per head and position 2 Q (N + P) inside its chunk (C B^T and its product with x, full Q x Q blocks, as the
-    kernels compute them) and 4 N P for the chunk states in and out, Q the chunk, N the state and P the head size."""
-    dims, chunk = mixer.dims, min(mixer.chunk_size, length)
+def scan_flops(scan, length: int) -> float:
+    """Matmul FLOPs of one chunked SSD scan (an LM mixer's, or one connector scan direction's) over `length`
+    positions: per head and position 2 Q (N + P) inside its chunk (C B^T and its product with x, full Q x Q blocks,
+    as the kernels compute them) and 4 N P for the chunk states in and out, Q the chunk, N the state and P the head
+    size."""
+    dims, chunk = scan.dims, min(scan.chunk_size, length)
     per_position = 2 * chunk * (dims.state_size + dims.head_dim) + 4 * dims.state_size * dims.head_dim
-    return per_position * dims.num_heads * length * len(getattr(mixer, "directions", [mixer]))
+    return per_position * dims.num_heads * length
 
 
 def model_flops_per_sample(model, sequence_length: int) -> float:
@@ -93,10 +94,10 @@ def model_flops_per_sample(model, sequence_length: int) -> float:
     )
     connector = 2 * (parameter_count(inner.connector) + parameter_count(inner.projector)) * config.image_seq_length
     connector += sum(scan_flops(module, config.image_seq_length) for module in inner.connector.modules()
-                     if hasattr(module, "dims"))
+                     if hasattr(module, "chunk_size"))
     language_model = 2 * parameter_count(inner.language_model) * sequence_length
     language_model += sum(scan_flops(module, sequence_length) for module in inner.language_model.modules()
-                          if hasattr(module, "dims"))
+                          if hasattr(module, "chunk_size"))
     return vision + 3 * (connector + language_model)
 
 

@@ -97,7 +97,8 @@ def rowwise_quantized(weight) -> bool:
 def gemv_operands(module: nn.Module, x: torch.Tensor):
     """(values, per-row scale or None) that the kernel computes `module(x)` from, or None when the module's own
     forward must run: the kernel needs one bf16/fp16 row on CUDA and a bias-free `nn.Linear` whose weight is
-    plain and of the row's dtype, or a torchao layout that `rowwise_quantized` accepts and whose dtype is the row's."""
+    plain and of the row's dtype, or a torchao layout that `rowwise_quantized` accepts and whose dtype is the row's;
+    the weight must be on the row's device (an offloaded weight is loaded only by calling the module)."""
     if (
         triton is None
         or x.device.type not in KERNEL_DEVICES
@@ -107,6 +108,7 @@ def gemv_operands(module: nn.Module, x: torch.Tensor):
         or type(module) is not nn.Linear
         or module.bias is not None
         or module.weight.dtype != x.dtype
+        or module.weight.device != x.device
     ):
         return None
     weight = module.weight

@@ -29,6 +29,15 @@ except ImportError:
     fused_add_rms_norm = fused_gated_rms_norm = mamba_split_conv1d_scan_combined = None
 
 
+def weights_on(device: torch.device, *modules: nn.Module) -> bool:
+    """Whether the modules' own weights are on `device`, so a kernel may read them without calling the modules.
+
+    accelerate's offloading (`device_map` with "cpu" or "disk") leaves weights on the meta device and loads them
+    only when the module that owns them is called; a kernel that takes `module.weight` directly must then step
+    aside for the module call."""
+    return all(param.device == device for module in modules for param in module.parameters(recurse=False))
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32, cast back to the input dtype before the weight (as Mamba2RMSNorm)."""
 
@@ -48,10 +57,10 @@ def add_rms_norm(hidden_states, residual, norm: RMSNorm, residual_in_fp32: bool)
     """The pre-norm residual step: residual += hidden_states, then (norm(residual), residual).
 
     On CUDA with mamba-ssm this is one fused Triton kernel (as in the released model's `fused_add_norm`),
-    which normalises the float32 sum directly; elsewhere the sum is cast to the weight dtype first, as in
-    transformers' Mamba2.
+    which normalises the float32 sum directly; elsewhere (and while offloading keeps the norm's weight off the
+    device) the sum is cast to the weight dtype first and `norm` is called, as in transformers' Mamba2.
     """
-    if fused_add_rms_norm is not None and hidden_states.is_cuda:
+    if fused_add_rms_norm is not None and hidden_states.is_cuda and weights_on(hidden_states.device, norm):
         return fused_add_rms_norm(
             hidden_states, norm.weight, None, residual=residual, eps=norm.eps, prenorm=True,
             residual_in_fp32=residual_in_fp32,
@@ -92,27 +101,41 @@ def kernel_aligned(xbc: torch.Tensor) -> torch.Tensor | None:
     return xbc if xbc.stride(0) % 8 == 0 and xbc.stride(1) % 8 == 0 else None
 
 
-def causal_conv(xbc: torch.Tensor, conv1d: nn.Conv1d) -> torch.Tensor:
-    """Depthwise causal conv + SiLU over (batch, length, channels); causal-conv1d's kernel on CUDA when installed."""
-    aligned = kernel_aligned(xbc) if causal_conv1d_fn is not None and xbc.is_cuda else None
-    if aligned is not None:
-        weight = conv1d.weight.squeeze(1)
-        return causal_conv1d_fn(aligned.transpose(1, 2), weight, conv1d.bias, activation="silu").transpose(1, 2)
-    length = xbc.shape[1]
-    return F.silu(conv1d(xbc.transpose(1, 2).to(conv1d.weight.dtype))[..., :length].transpose(1, 2)).to(xbc.dtype)
+class CausalConv1d(nn.Conv1d):
+    """Depthwise causal conv + SiLU over channel-last sequences, and its one-position decode step.
 
+    Both read the weights inside this module's `forward`, so accelerate's offloading hooks (which load a module's
+    weights when the module is called) cover every use. The parameters are `nn.Conv1d`'s (`weight`, `bias`).
+    """
 
-def causal_conv_step(xbc: torch.Tensor, conv_state: torch.Tensor, conv1d: nn.Conv1d) -> torch.Tensor:
-    """One new position (batch, channels) through the causal conv + SiLU; `conv_state` (batch, channels, kernel)
-    holds the last `kernel` inputs and is shifted in place."""
-    weight = conv1d.weight.squeeze(1)
-    if causal_conv1d_update is not None and xbc.is_cuda:
-        return causal_conv1d_update(xbc, conv_state, weight, conv1d.bias, activation="silu")
-    conv_state.copy_(torch.cat([conv_state[:, :, 1:], xbc[:, :, None].to(conv_state.dtype)], dim=-1))
-    out = (conv_state.to(weight.dtype) * weight).sum(-1)
-    if conv1d.bias is not None:
-        out = out + conv1d.bias
-    return F.silu(out).to(xbc.dtype)
+    def __init__(self, channels: int, kernel: int, bias: bool = True):
+        super().__init__(channels, channels, kernel, groups=channels, padding=kernel - 1, bias=bias)
+
+    def forward(self, xbc: torch.Tensor, conv_state: torch.Tensor | None = None) -> torch.Tensor:
+        """xbc (batch, length, channels) -> (batch, length, channels); causal-conv1d's kernel on CUDA when installed.
+
+        With `conv_state` (batch, channels, kernel), holding the last `kernel` inputs: one new position
+        (batch, channels) -> (batch, channels), and the state is shifted in place.
+        """
+        if conv_state is not None:
+            return self._step(xbc, conv_state)
+        aligned = kernel_aligned(xbc) if causal_conv1d_fn is not None and xbc.is_cuda else None
+        if aligned is not None:
+            weight = self.weight.squeeze(1)
+            return causal_conv1d_fn(aligned.transpose(1, 2), weight, self.bias, activation="silu").transpose(1, 2)
+        length = xbc.shape[1]
+        conv = super().forward(xbc.transpose(1, 2).to(self.weight.dtype))
+        return F.silu(conv[..., :length].transpose(1, 2)).to(xbc.dtype)
+
+    def _step(self, xbc: torch.Tensor, conv_state: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.squeeze(1)
+        if causal_conv1d_update is not None and xbc.is_cuda:
+            return causal_conv1d_update(xbc, conv_state, weight, self.bias, activation="silu")
+        conv_state.copy_(torch.cat([conv_state[:, :, 1:], xbc[:, :, None].to(conv_state.dtype)], dim=-1))
+        out = (conv_state.to(weight.dtype) * weight).sum(-1)
+        if self.bias is not None:
+            out = out + self.bias
+        return F.silu(out).to(xbc.dtype)
 
 
 class SSMDimensions:
@@ -172,10 +195,7 @@ class CausalMamba2Mixer(nn.Module):
         self.chunk_size = config.chunk_size
         self.conv_kernel = config.conv_kernel
         self.in_proj = nn.Linear(config.hidden_size, self.dims.projection_size, bias=config.use_bias)
-        self.conv1d = nn.Conv1d(
-            self.dims.conv_dim, self.dims.conv_dim, config.conv_kernel, groups=self.dims.conv_dim,
-            padding=config.conv_kernel - 1, bias=config.use_conv_bias,
-        )
+        self.conv1d = CausalConv1d(self.dims.conv_dim, config.conv_kernel, bias=config.use_conv_bias)
         self.dt_bias = nn.Parameter(torch.zeros(self.dims.num_heads))
         self.A_log = nn.Parameter(torch.zeros(self.dims.num_heads))
         self.D = nn.Parameter(torch.ones(self.dims.num_heads))
@@ -204,7 +224,7 @@ class CausalMamba2Mixer(nn.Module):
             # The cache hands back the new inputs preceded by the cached ones (or zero-padded to the kernel).
             xbc = cache.update_conv_state(xbc.transpose(1, 2), self.layer_idx, conv_kernel_size=self.conv_kernel)
             xbc = xbc.transpose(1, 2)
-        conv_out = causal_conv(xbc, self.conv1d)[:, -length:]
+        conv_out = self.conv1d(xbc)[:, -length:]
         if attention_mask is not None:
             conv_out = conv_out * attention_mask[..., None].to(conv_out.dtype)
         y, final_state = selective_scan(self.dims, self, conv_out, dt, self.chunk_size, initial_state)
@@ -214,10 +234,14 @@ class CausalMamba2Mixer(nn.Module):
 
     def fused_kernel_applies(self, hidden_states: torch.Tensor) -> bool:
         """Whether mamba_ssm's single autograd call for conv + scan + gated norm (its own training path) can run:
-        CUDA, mamba-ssm and causal-conv1d (which it calls) installed, a conv width that kernel accepts. The caller
-        also requires no cache and no padding, which that call has no input for."""
+        CUDA, mamba-ssm and causal-conv1d (which it calls) installed, a conv width that kernel accepts, and the conv
+        and norm weights (which it reads directly) on the device rather than offloaded. The caller also requires no
+        cache and no padding, which that call has no input for."""
         kernels = mamba_split_conv1d_scan_combined is not None and causal_conv1d_fn is not None
-        return kernels and hidden_states.is_cuda and self.dims.conv_dim % 8 == 0
+        return (
+            kernels and hidden_states.is_cuda and self.dims.conv_dim % 8 == 0
+            and weights_on(hidden_states.device, self.conv1d, self.norm)
+        )
 
     def fused_conv_scan_norm(self, projected: torch.Tensor) -> torch.Tensor:
         """in_proj output -> gated-norm output, as the unfused path computes it, in one autograd node.
@@ -235,7 +259,7 @@ class CausalMamba2Mixer(nn.Module):
         """One token (batch, hidden) -> (batch, hidden), updating both states in place (CUDA-graph friendly).
         `state_update` is `ssd.ssd_step` or a kernel with its arguments (`Mamba2LanguageModel.step` chooses)."""
         gate, xbc, dt = self.dims.split_projection(decode_linear(self.in_proj, hidden_states))
-        x, B, C = self.dims.split_conv_output(causal_conv_step(xbc, conv_state, self.conv1d))
+        x, B, C = self.dims.split_conv_output(self.conv1d(xbc, conv_state))
         A = decay_rates(self.A_log) if A is None else A
         y = state_update(ssm_state, x, dt, A, B, C, D=self.D, dt_bias=self.dt_bias)
         return decode_linear(self.out_proj, self.norm(y.flatten(-2), gate))

@@ -7,13 +7,16 @@ token sequence, and the generation head. The connector lives in `connector.py`, 
 import copy
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import AutoModel, DynamicCache, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 from transformers.models.mamba2.modeling_mamba2 import Mamba2CausalLMOutput, Mamba2Output
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_mlmamba import MLMambaConfig
 from .connector import MLMambaConnector, ScanDirection
@@ -29,6 +32,25 @@ from .saving import check_save_directory, save_aside
 # transformers up to 5.2x passes a Mamba cache as `cache_params`, later releases call it `cache`; the
 # language model's own output class tells us which name this installation uses.
 CACHE_NAME = "cache" if "cache" in Mamba2CausalLMOutput.__dataclass_fields__ else "cache_params"
+CACHE_ALIASES = ("cache", "cache_params", "past_key_values")
+
+
+def pick_cache(**caches):
+    """The recurrent cache, under whichever name it came: `cache` (transformers' name from 5.2x on),
+    `cache_params` (earlier releases' name for a Mamba cache) or `past_key_values` (most models' name). Where the
+    installed transformers calls it `cache`, the other two are deprecated there and warn, as transformers' own
+    models do."""
+    given = {name: cache for name, cache in caches.items() if cache is not None}
+    if len({id(cache) for cache in given.values()}) > 1:
+        raise ValueError(
+            f"got different caches as {' and '.join(given)}; pass the recurrent cache once (any one of "
+            f"{', '.join(CACHE_ALIASES)})"
+        )
+    if CACHE_NAME == "cache":
+        for name in given.keys() - {"cache"}:
+            warnings.warn(f"`{name}` is deprecated: this transformers release names the recurrent cache `cache`; "
+                          "pass it as `cache`", FutureWarning, stacklevel=3)
+    return next(iter(given.values()), None)
 
 
 @dataclass
@@ -37,12 +59,22 @@ class MLMambaModelOutput(Mamba2Output):
 
     image_hidden_states: torch.FloatTensor | None = None
 
+    @property
+    def past_key_values(self):
+        """The recurrent cache, under the name most transformers models use, on every supported release."""
+        return getattr(self, CACHE_NAME)
+
 
 @dataclass
 class MLMambaCausalLMOutput(Mamba2CausalLMOutput):
     """Loss, logits and recurrent cache, plus the projected image features of this forward."""
 
     image_hidden_states: torch.FloatTensor | None = None
+
+    @property
+    def past_key_values(self):
+        """The recurrent cache, under the name most transformers models use, on every supported release."""
+        return getattr(self, CACHE_NAME)
 
 
 def feature_depth(tower_config, feature_layer: int, name: str) -> int:
@@ -104,15 +136,25 @@ class MLMambaVisionTower(nn.Module):
         self.dino_prefix_tokens = 1 + config.dino_config.num_register_tokens
         self.image_size = (config.dino_config.image_size, config.siglip_config.image_size)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool = False, output_attentions: bool = False
+    ) -> BaseModelOutput:
+        """`last_hidden_state`: both towers' patch features of `vision_feature_layer`, side by side (images, patches,
+        DINOv2 + SigLIP channels). `hidden_states` and `attentions`, when asked for: DINOv2's, then SigLIP's, of the
+        blocks the towers are built with (up to the feature layer)."""
         check_pixel_values(pixel_values, self.image_size)
         trainable = any(p.requires_grad for p in self.parameters())
+        towers = dict(output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
             # Each tower casts the pixels to its patch embedding's dtype itself.
-            dino = self.dino(pixel_values[:, 0]).last_hidden_state
-            siglip_patches = self.siglip(pixel_values[:, 1]).last_hidden_state
-        dino_patches = dino[:, self.dino_prefix_tokens :]
-        return torch.cat([dino_patches, siglip_patches.to(dino_patches.dtype)], dim=-1)
+            dino = self.dino(pixel_values[:, 0], **towers)
+            siglip = self.siglip(pixel_values[:, 1], **towers)
+        dino_patches = dino.last_hidden_state[:, self.dino_prefix_tokens :]
+        return BaseModelOutput(
+            last_hidden_state=torch.cat([dino_patches, siglip.last_hidden_state.to(dino_patches.dtype)], dim=-1),
+            hidden_states=dino.hidden_states + siglip.hidden_states if output_hidden_states else None,
+            attentions=dino.attentions + siglip.attentions if output_attentions else None,
+        )
 
 
 # The projector variants, by `projector_type`: (connector width, LM width) -> the layers, in order.
@@ -154,7 +196,12 @@ class MLMambaPreTrainedModel(PreTrainedModel):
     _keep_in_fp32_modules = [
         f"{prefix}{name}" for prefix in ("", "model.") for name in ("vision_tower", "connector", "projector")
     ]
+    # Attention lives in the vision towers only, and both tower classes support every backend; v5 hands the
+    # requested `attn_implementation` to each sub-config (or a dict gives one per sub-config name).
     _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
     _is_stateful = True
 
     def save_pretrained(self, save_directory, is_main_process: bool = True, *args, **kwargs):
@@ -186,6 +233,19 @@ class MLMambaPreTrainedModel(PreTrainedModel):
             parent.save_pretrained(folder, is_main_process, *args, **kwargs)
 
         save_aside(save_directory, write)
+
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
+        """transformers' resize (input embeddings, the tied LM head and `text_config.vocab_size` together), refusing
+        a size that would drop the image placeholder token `config.image_token_id`."""
+        if new_num_tokens is not None:
+            multiple = pad_to_multiple_of or 1
+            if math.ceil(new_num_tokens / multiple) * multiple <= self.config.image_token_id:
+                raise ValueError(
+                    f"new_num_tokens={new_num_tokens} would drop the image placeholder token (config.image_token_id="
+                    f"{self.config.image_token_id}); keep at least {self.config.image_token_id + 1} tokens, or first "
+                    "set config.image_token_id to a token of the new vocabulary"
+                )
+        return super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -220,9 +280,31 @@ class MLMambaModel(MLMambaPreTrainedModel):
     def set_input_embeddings(self, value):
         self.language_model.set_input_embeddings(value)
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Projected image features, (images, image_seq_length, text hidden size), ready to be placed in the LM."""
-        return self.projector(self.connector(self.vision_tower(pixel_values)))
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+    ) -> BaseModelOutputWithPooling:
+        """The image features the LM reads, laid out as transformers' VLMs return them: `pooler_output` holds one
+        entry per image, its projected features (image_seq_length, text hidden size); `last_hidden_state` the
+        towers' patch features that the connector reads; `hidden_states` / `attentions` the towers' (DINOv2's,
+        then SigLIP's), when asked for. `return_dict=False` gives the same as a tuple."""
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
+        vision = self.vision_tower(
+            pixel_values, output_hidden_states=output_hidden_states, output_attentions=output_attentions
+        )
+        projected = self.projector(self.connector(vision.last_hidden_state))
+        return BaseModelOutputWithPooling(
+            last_hidden_state=vision.last_hidden_state,
+            pooler_output=list(projected),
+            hidden_states=vision.hidden_states,
+            attentions=vision.attentions,
+        )
 
     def image_placeholder_mask(self, input_ids, inputs_embeds) -> torch.Tensor:
         """Where the image placeholder tokens are: (batch, length) booleans."""
@@ -233,6 +315,7 @@ class MLMambaModel(MLMambaPreTrainedModel):
         )
         return (inputs_embeds == placeholder).all(-1)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -241,6 +324,7 @@ class MLMambaModel(MLMambaPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         cache=None,
         cache_params=None,
+        past_key_values=None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         **kwargs,
@@ -253,10 +337,11 @@ class MLMambaModel(MLMambaPreTrainedModel):
             1 for tokens, 0 for padding, which goes on the left (the processor's default). Padding on the right keeps
             the tokens' own outputs exact (training, scoring), but the final state runs over it: such a batch builds
             no cache unless asked, and is refused when asked. Padding between tokens is refused.
-        cache / cache_params (`Cache`, *optional*):
-            The recurrent state of the language model; `cache_params` is the name older transformers use.
+        cache / cache_params / past_key_values (`Cache`, *optional*):
+            The recurrent state of the language model, under any of transformers' names for it. It holds the state
+            after the tokens it has seen: continuing it, pass only the tokens it has not seen.
         """
-        cache = cache if cache is not None else cache_params
+        cache = pick_cache(cache=cache, cache_params=cache_params, past_key_values=past_key_values)
         right_padded = self.check_inputs(input_ids, inputs_embeds, pixel_values, attention_mask, cache, use_cache)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
@@ -265,7 +350,7 @@ class MLMambaModel(MLMambaPreTrainedModel):
         image_features = None
         if pixel_values is not None:
             # Image after image, into the placeholder positions of the sequence.
-            image_features = self.get_image_features(pixel_values)
+            image_features = torch.stack(self.get_image_features(pixel_values, return_dict=True).pooler_output)
             mask = placeholders[..., None].expand_as(inputs_embeds)
             inputs_embeds = inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))
 
@@ -273,13 +358,15 @@ class MLMambaModel(MLMambaPreTrainedModel):
         use_cache = use_cache if use_cache is not None else (
             self.config.text_config.use_cache and not self.training and not right_padded
         )
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config.text_config)
         last_hidden_state, hidden_states = self.language_model(
             inputs_embeds,
             cache=cache if use_cache else None,
             attention_mask=attention_mask,
-            output_hidden_states=output_hidden_states or self.config.output_hidden_states,
+            output_hidden_states=output_hidden_states,
             fused_decode_step=self.config.use_fused_decode_step,
         )
         return MLMambaModelOutput(
@@ -352,9 +439,10 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model.get_image_features(pixel_values)
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        return self.model.get_image_features(pixel_values, **kwargs)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -364,6 +452,7 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         cache=None,
         cache_params=None,
+        past_key_values=None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
@@ -375,8 +464,10 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
             placeholder positions whatever their label.
         logits_to_keep (`int` or `torch.Tensor`, *optional*):
             Compute logits for only the last `logits_to_keep` positions (0: all); `generate()` sets 1.
+        cache / cache_params / past_key_values (`Cache`, *optional*):
+            The recurrent state of the language model, under any of transformers' names for it (see `MLMambaModel`).
         """
-        cache = cache if cache is not None else cache_params
+        cache = pick_cache(cache=cache, cache_params=cache_params, past_key_values=past_key_values)
         logits = self.cuda_graphs.replay(
             self, cache, input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
             inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache, output_hidden_states=output_hidden_states,
@@ -416,6 +507,20 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
             image_hidden_states=outputs.image_hidden_states,
             **{CACHE_NAME: outputs[CACHE_NAME] if CACHE_NAME in outputs else None},
         )
+
+    def generate(self, *args, **kwargs):
+        """`GenerationMixin.generate`, taking the recurrent cache as `past_key_values`, `cache` or `cache_params` on
+        every supported transformers release: it goes on under the name this release's `generate` uses for a Mamba
+        cache (`cache`, or `cache_params` before 5.2x).
+
+        The cache holds the state after the tokens it has seen, not the tokens, and `generate` feeds `input_ids`
+        to it whole: to continue a conversation, pass only the tokens it has not seen. After a `generate` call that
+        is its last generated token (sampled but never fed back) followed by the new turn.
+        """
+        cache = pick_cache(**{name: kwargs.pop(name, None) for name in CACHE_ALIASES})
+        if cache is not None:
+            kwargs[CACHE_NAME] = cache
+        return super().generate(*args, **kwargs)
 
     def check_head_inputs(self, input_ids, inputs_embeds, labels, logits_to_keep) -> None:
         """What the head adds to the model's inputs: labels aligned with the prompts, inside the vocabulary."""

@@ -111,7 +111,7 @@ def saved_tensors(folder) -> dict[str, torch.Tensor]:
 def test_vision_features_equal_timm_second_to_last_layer_patches(sources, model):
     pixels = random_pixels(2, sources.config)
     with torch.no_grad():
-        ours = model.model.vision_tower(pixels)
+        ours = model.model.vision_tower(pixels).last_hidden_state
         dino = sources.dino.get_intermediate_layers(pixels[:, 0], n={len(sources.dino.blocks) - 2})[0]
         siglip = sources.siglip.get_intermediate_layers(pixels[:, 1], n={len(sources.siglip.blocks) - 2})[0]
     dino_width = sources.config.dino_config.hidden_size

@@ -5,11 +5,13 @@ import gc
 import pytest
 import torch
 from conftest import image_prompt, random_pixels, tiny_model
+from peft import get_peft_model
 from transformers import DynamicCache
 
 from modeling_mlmamba import mamba2, ssd
 from modeling_mlmamba import cuda_graphs
 from modeling_mlmamba.cuda_graphs import cache_states
+from modeling_mlmamba.lora import lora_config
 
 
 @pytest.fixture
@@ -213,3 +215,104 @@ def test_copied_model_starts_without_graphs(graph_model):
     assert not clone.cuda_graphs.decode_graphs and not clone.cuda_graphs.prefill_graphs
     assert torch.equal(generate(clone, ids, pixels, use_graphs=True, do_sample=False, eos_token_id=None),
                        generate(graph_model, ids, pixels, use_graphs=True, do_sample=False, eos_token_id=None))
+
+
+def lora_wrapped(model):
+    """The model with rank-4 adapters whose B matrices are random, so the adapters change every output."""
+    peft_model = get_peft_model(model, lora_config(rank=4, alpha=8, dropout=0.0))
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    return peft_model
+
+
+def graph_objects(graphs) -> list:
+    return [*graphs.prefill_graphs.values(), *graphs.decode_graphs.values()]
+
+
+def merge_adapters(model):
+    return lora_wrapped(model).merge_and_unload()
+
+
+def cast_to_float64(model):
+    return model.to(torch.float64)
+
+
+@pytest.mark.parametrize("change_weights", [merge_adapters, cast_to_float64])
+def test_graphs_are_rebuilt_after_weights_are_replaced_and_match_eager(graph_model, change_weights):
+    """A graph replays raw pointers to the weights: peft's merge_and_unload (new modules) and a cast (new storage)
+    must drop every graph captured before, or CUDA would replay kernels on freed memory."""
+    ids, pixels = prompts(graph_model.config, 1)
+    for _ in range(2):
+        generate(graph_model, ids, pixels, use_graphs=True, do_sample=False, eos_token_id=None)
+    before = graph_objects(graph_model.cuda_graphs)
+    assert len(before) == 2
+
+    changed = change_weights(graph_model)
+    assert changed is graph_model
+    eager = generate(changed, ids, pixels, use_graphs=False, do_sample=False, eos_token_id=None)
+    replayed = generate(changed, ids, pixels, use_graphs=True, do_sample=False, eos_token_id=None)
+    assert torch.equal(replayed, eager)
+    after = graph_objects(changed.cuda_graphs)
+    assert len(after) == 2 and not any(new is old for new in after for old in before)
+
+
+def test_load_state_dict_copies_into_the_captured_weights_and_graphs_follow(graph_model):
+    ids, pixels = prompts(graph_model.config, 1)
+    for _ in range(2):
+        generate(graph_model, ids, pixels, use_graphs=True, do_sample=False, eos_token_id=None)
+    before = graph_objects(graph_model.cuda_graphs)
+    graph_model.load_state_dict(tiny_model(seed=5).state_dict())
+    eager = generate(graph_model, ids, pixels, use_graphs=False, do_sample=False, eos_token_id=None)
+    assert torch.equal(generate(graph_model, ids, pixels, use_graphs=True, do_sample=False, eos_token_id=None), eager)
+    after = graph_objects(graph_model.cuda_graphs)  # same storage: the graphs read the new values
+    assert len(after) == 2 and all(new is old for new, old in zip(after, before))
+
+
+@pytest.fixture
+def capture_attempts(graph_model, monkeypatch):
+    """Captures 'on CPU': each attempt records its memory pool; the pools are numbered in the order handed out."""
+    attempts = []
+    pools = iter(range(100))
+    monkeypatch.setattr(cuda_graphs, "CAPTURE_DEVICE_TYPES", ("cpu",))
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: next(pools))
+    return attempts
+
+
+def test_a_failed_capture_runs_eagerly_and_that_shape_is_not_captured_again(graph_model, capture_attempts, monkeypatch,
+                                                                           caplog):
+    def failing_capture(fn, inputs, pool):
+        capture_attempts.append(pool)
+        raise cuda_graphs.GraphCaptureError("CUDA graph capture failed: operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(cuda_graphs, "capture_graph", failing_capture)
+    ids, pixels = prompts(graph_model.config, 1)
+    eager = generate(graph_model, ids, pixels, use_graphs=False, do_sample=False, eos_token_id=None)
+    for _ in range(3):
+        assert torch.equal(generate(graph_model, ids, pixels, use_graphs=True, do_sample=False, eos_token_id=None), eager)
+    assert len(capture_attempts) == 2  # the decode step at the first call, the prompt at its second sight
+    assert not graph_model.cuda_graphs.prefill_graphs and not graph_model.cuda_graphs.decode_graphs
+    assert sum("run eagerly from now on" in record.message for record in caplog.records) == 2
+
+    graph_model.lm_head = torch.nn.Linear(graph_model.lm_head.in_features, graph_model.lm_head.out_features,
+                                          bias=False)
+    generate(graph_model, ids, pixels, use_graphs=True, do_sample=False, eos_token_id=None)
+    assert len(capture_attempts) == 4  # new weights: both shapes are tried once more
+
+
+def test_graphs_after_a_weights_change_capture_into_a_fresh_memory_pool(graph_model, capture_attempts, monkeypatch):
+    """PyTorch releases a graph memory pool with its last graph; capturing into a released pool fails (an internal
+    assert in the caching allocator, seen after merge_and_unload)."""
+    def recording_capture(fn, inputs, pool):
+        capture_attempts.append(pool)
+        return None, None  # no graph: calls run fn eagerly
+
+    monkeypatch.setattr(cuda_graphs, "capture_graph", recording_capture)
+    ids, pixels = prompts(graph_model.config, 1)
+    for _ in range(2):
+        generate(graph_model, ids, pixels, use_graphs=True, do_sample=False, eos_token_id=None)
+    graph_model.to(torch.float64)
+    generate(graph_model, ids, pixels, use_graphs=True, do_sample=False, eos_token_id=None)
+    assert capture_attempts == [0, 0, 1, 1]  # decode, prefill; then both again, into a new pool

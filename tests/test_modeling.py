@@ -176,8 +176,8 @@ def test_forward_shapes(model):
     out = model(input_ids=ids, pixel_values=random_pixels(2, config))
     assert out.logits.shape == (2, ids.shape[1], config.text_config.vocab_size)
     assert out.image_hidden_states.shape == (2, config.image_seq_length, config.text_config.hidden_size)
-    features = model.get_image_features(random_pixels(3, config))
-    assert features.shape == (3, config.image_seq_length, config.text_config.hidden_size)
+    features = model.get_image_features(random_pixels(3, config)).pooler_output
+    assert [image.shape for image in features] == [(config.image_seq_length, config.text_config.hidden_size)] * 3
 
 
 def test_text_only_forward(model):
@@ -212,7 +212,7 @@ def test_image_features_land_in_placeholder_positions(model):
     config = model.config
     ids = torch.tensor([[9] + image_prompt(config, [5])])
     pixels = random_pixels(1, config)
-    features = model.get_image_features(pixels)
+    features = model.get_image_features(pixels).pooler_output
     embeds = model.get_input_embeddings()(ids)
     embeds[0, 1 : 1 + config.image_seq_length] = features[0]
     via_embeds = model(inputs_embeds=embeds).logits
@@ -266,7 +266,7 @@ def test_save_and_load_roundtrip_is_bit_exact(model, tmp_path):
     base = AutoModel.from_pretrained(tmp_path)
     assert isinstance(base, MLMambaModel)
     torch.testing.assert_close(
-        base.get_image_features(pixels), model.get_image_features(pixels), rtol=0, atol=0
+        base.get_image_features(pixels).pooler_output, model.get_image_features(pixels).pooler_output, rtol=0, atol=0
     )
 
 
