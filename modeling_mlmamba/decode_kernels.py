@@ -373,6 +373,8 @@ def state_update_refusal(language_model, states, device: torch.device) -> str | 
 def fused_step_refusal(language_model, batch: int, states, device: torch.device) -> str | None:
     """Why the fused step cannot run (None when it can): it reads the weights directly, so they must be plain dense
     float tensors of unwrapped modules without hooks, in the shapes its kernels are written for."""
+    from .mamba2 import CausalConv1d  # mamba2 imports this module
+
     config, dims = language_model.config, language_model.layers[0].mixer.dims
     if batch > FUSED_MAX_BATCH:
         return f"batch {batch} is above {FUSED_MAX_BATCH} (larger batches run GEMMs)"
@@ -392,11 +394,13 @@ def fused_step_refusal(language_model, batch: int, states, device: torch.device)
         for name, module in modules.items():
             if _has_hooks(module):
                 return f"layer {mixer.layer_idx}'s {name} has forward hooks"
-        for name, cls in (("in_proj", nn.Linear), ("conv1d", nn.Conv1d), ("out_proj", nn.Linear)):
+        expected = {"in_proj": (nn.Linear, "torch.nn.Linear"), "conv1d": (CausalConv1d, "CausalConv1d"),
+                    "out_proj": (nn.Linear, "torch.nn.Linear")}
+        for name, (cls, cls_name) in expected.items():
             kind = type(modules[name])
             if kind is not cls:
                 return f"layer {mixer.layer_idx}'s {name} is a {kind.__module__}.{kind.__qualname__}, not a plain " \
-                       f"torch.nn.{cls.__name__}"
+                       f"{cls_name}"
         if mixer.in_proj.bias is not None or mixer.out_proj.bias is not None:
             return f"layer {mixer.layer_idx}'s in_proj or out_proj has a bias"
         weights = [layer.norm.weight, mixer.in_proj.weight, mixer.conv1d.weight, mixer.conv1d.bias, mixer.norm.weight,

@@ -38,6 +38,12 @@ def weights_on(device: torch.device, *modules: nn.Module) -> bool:
     return all(param.device == device for module in modules for param in module.parameters(recurse=False))
 
 
+def hooked_by_accelerate(module: nn.Module) -> bool:
+    """Whether accelerate's hooks run any part of `module` (an offloaded or split `device_map`): they load weights
+    only around each module's own `forward`, which a step reading the weights of its submodules would bypass."""
+    return any(hasattr(submodule, "_hf_hook") for submodule in module.modules())
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32, cast back to the input dtype before the weight (as Mamba2RMSNorm)."""
 
@@ -324,9 +330,10 @@ class Mamba2LanguageModel(nn.Module):
         """Returns (final normed hidden states, the residual stream after each layer and the final output, or None).
 
         One new token continuing `cache` runs the decode step, as a captured decode graph does, so eager and graph
-        decoding compute the same thing."""
+        decoding compute the same thing; under accelerate's hooks it goes through each layer's `forward` instead."""
         length = inputs_embeds.shape[1]
-        if length == 1 and cache is not None and cache.has_previous_state(0) and not output_hidden_states:
+        continuing = cache is not None and cache.has_previous_state(0)
+        if length == 1 and continuing and not output_hidden_states and not hooked_by_accelerate(self):
             states = [(layer.conv_states[0], layer.recurrent_states[0]) for layer in cache.layers]
             return self.decode(inputs_embeds[:, 0], states, fused=fused_decode_step)[:, None], None
         mask = None if length == 1 else padding_mask(attention_mask, length)

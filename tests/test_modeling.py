@@ -159,8 +159,8 @@ def test_unknown_key_from_another_transformers_version_is_kept_with_a_warning(tm
 def test_every_hidden_state_of_both_towers_can_feed_the_connector(layer):
     """The range the config accepts is exactly what the towers return: embeddings (0) to the last block."""
     model = tiny_model(vision_feature_layer=layer)
-    features = model.get_image_features(random_pixels(1, model.config))
-    assert features.shape == (1, model.config.image_seq_length, model.config.text_config.hidden_size)
+    (features,) = model.get_image_features(random_pixels(1, model.config)).pooler_output
+    assert features.shape == (model.config.image_seq_length, model.config.text_config.hidden_size)
 
 
 def test_released_image_size_need_not_be_a_multiple_of_the_patch():

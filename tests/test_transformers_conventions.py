@@ -27,7 +27,8 @@ def test_image_features_are_a_pooled_output_with_one_projected_entry_per_image(m
         towers = model.model.vision_tower
         dino = towers.dino(pixels[:, 0], output_hidden_states=True).hidden_states
         siglip = towers.siglip(pixels[:, 1], output_hidden_states=True).hidden_states
-        patches = torch.cat([dino[-2][:, 1 + config.dino_config.num_register_tokens :], siglip[-2]], dim=-1)
+        # The towers are built up to the feature layer: its output is their last hidden state.
+        patches = torch.cat([dino[-1][:, 1 + config.dino_config.num_register_tokens :], siglip[-1]], dim=-1)
         expected = model.model.projector(model.model.connector(patches))
     assert isinstance(out, BaseModelOutputWithPooling)
     assert torch.equal(out.last_hidden_state, patches)
@@ -58,10 +59,13 @@ def test_image_features_carry_both_towers_hidden_states_and_attentions_when_aske
     with torch.no_grad():
         out = model.get_image_features(pixels, output_hidden_states=True, output_attentions=True)
         dino = model.model.vision_tower.dino(pixels[:, 0], output_hidden_states=True, output_attentions=True)
-    dino_entries = config.dino_config.num_hidden_layers + 1
-    assert len(out.hidden_states) == dino_entries + config.siglip_config.num_hidden_layers + 1
+    # The towers are built up to the feature layer: their hidden states are the embeddings and those blocks.
+    dino_blocks = len(model.model.vision_tower.dino.encoder.layer)
+    siglip_blocks = len(model.model.vision_tower.siglip.encoder.layers)
+    dino_entries = dino_blocks + 1
+    assert len(out.hidden_states) == dino_entries + siglip_blocks + 1
     assert all(torch.equal(a, b) for a, b in zip(out.hidden_states[:dino_entries], dino.hidden_states))
-    assert len(out.attentions) == config.dino_config.num_hidden_layers + config.siglip_config.num_hidden_layers
+    assert len(out.attentions) == dino_blocks + siglip_blocks
     assert all(torch.equal(a, b) for a, b in zip(out.attentions, dino.attentions))
     model.config.output_hidden_states = True
     with torch.no_grad():

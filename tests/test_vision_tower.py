@@ -39,7 +39,7 @@ def test_features_equal_the_full_towers_hidden_state(feature_layer):
     pixels = random_pixels(2, config)
     with torch.no_grad():
         expected = full_tower_features(dino, siglip, pixels, feature_layer, tower.dino_prefix_tokens)
-        assert torch.equal(tower(pixels), expected)
+        assert torch.equal(tower(pixels).last_hidden_state, expected)
 
 
 def test_towers_build_only_the_blocks_the_features_need():
@@ -91,7 +91,7 @@ def test_folder_saved_with_full_towers_loads_quietly_and_ignores_the_unused_bloc
     assert not [record for record in caplog.records if "unexpected" in record.getMessage().lower()]
     pixels = random_pixels(1, model.config)
     with torch.no_grad():
-        assert torch.equal(loaded.model.vision_tower(pixels), model.model.vision_tower(pixels))
+        assert torch.equal(loaded.model.vision_tower(pixels).last_hidden_state, model.model.vision_tower(pixels).last_hidden_state)
 
 
 def test_unknown_extra_weights_are_still_reported(tmp_path):

@@ -60,7 +60,7 @@ def outputs(model, ids, pixels) -> dict[str, torch.Tensor]:
     """The connector's output and the LM logits of one forward."""
     ids, pixels = ids.to(model.device), pixels.to(model.device, model.dtype)
     with torch.no_grad():
-        features = model.model.vision_tower(pixels).to(model.dtype)
+        features = model.model.vision_tower(pixels).last_hidden_state.to(model.dtype)
         connector = model.model.connector(features)
         logits = model(input_ids=ids, pixel_values=pixels).logits
     return {"connector": connector, "logits": logits}
