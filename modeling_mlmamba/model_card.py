@@ -65,7 +65,7 @@ def write_model_card(
         description: a paragraph about this checkpoint, placed under the title.
         question: the question of the usage snippet.
         remote_code: whether the folder carries the model code (`save_pretrained` copies it); without it the
-            card tells users to import `modeling_mlmamba`, which registers the classes.
+            card tells users to register the classes from the `modeling_mlmamba` package.
         embedded: the folder is the package's `DEFAULT_MODEL`: the snippet finds it through the installed package
             (from any directory), or at `repo_id` when given.
     """
@@ -97,11 +97,12 @@ def write_model_card(
         "Connector and a Mamba-2 language model that answers in linear time.",
         "## Usage",
         "The model code travels with the weights, so `trust_remote_code=True` is needed." if remote_code else
-        "The model code comes from the `modeling_mlmamba` package: `import modeling_mlmamba` registers it.",
+        "The model code comes from the `modeling_mlmamba` package: `modeling_mlmamba.register_auto_classes()` "
+        "registers it with the Auto classes.",
         USAGE.format(
             repo_line=_repo_line(repo_id or (None if embedded else folder.as_posix()), embedded),
             size=config.dino_config.image_size, question=question,
-            package_import="" if remote_code else "\nimport modeling_mlmamba  # registers ML-Mamba's classes\n",
+            package_import="" if remote_code else "\nimport modeling_mlmamba\n\nmodeling_mlmamba.register_auto_classes()\n",
             remote_code=", trust_remote_code=True" if remote_code else "",
         ),
         "## Architecture",

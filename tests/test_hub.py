@@ -258,3 +258,15 @@ def test_write_model_code_replaces_edited_and_stale_copies(tmp_path):
         assert (folder / name).read_bytes() == source.read_bytes()
     with pytest.raises(ValueError, match="is not a folder"):
         write_model_code(tmp_path / "missing")
+
+
+def test_model_card_without_remote_code_runs_with_the_package(hub_folder, tmp_path):
+    folder, model = hub_folder
+    write_model_card(folder, model.config, remote_code=False)
+    [snippet] = re.findall(r"```python\n(.*?)```", (folder / "README.md").read_text(), re.S)
+    assert "trust_remote_code" not in snippet and "modeling_mlmamba.register_auto_classes()" in snippet
+    check = "\nassert type(model).__module__ == 'modeling_mlmamba.modeling_mlmamba', type(model).__module__\n"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", snippet + check], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
