@@ -173,12 +173,14 @@ def serve(argv) -> None:
     """transformers' `serve` command, after registering ML-Mamba where its model loader looks: the transformers
     namespace (the loader calls `getattr(transformers, config.architectures[0])` for models outside its own
     mappings) and the image-text-to-text model names (how it tells a vision-language model from a text one)."""
-    import transformers
+    import transformers.processing_utils
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     from . import MLMambaConfig, MLMambaForConditionalGeneration
 
-    setattr(transformers, MLMambaForConditionalGeneration.__name__, MLMambaForConditionalGeneration)
+    # transformers.processing_utils re-creates the `transformers` module object when first imported (done above):
+    # register on the one the server's loader will import.
+    setattr(sys.modules["transformers"], MLMambaForConditionalGeneration.__name__, MLMambaForConditionalGeneration)
     MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[MLMambaConfig.model_type] = MLMambaForConditionalGeneration.__name__
     try:
         from transformers.cli.transformers import app
