@@ -41,16 +41,23 @@ def client():
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
     )
     lines = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+
+    def read_output():
+        for line in process.stdout:
+            lines.put(line)
+        lines.put(None)  # the server exited
+
+    threading.Thread(target=read_output, daemon=True).start()
     log = []
     try:
         while not any("Uvicorn running on" in line for line in log):
             try:
-                log.append(lines.get(timeout=STARTUP_TIMEOUT_SECONDS))
+                line = lines.get(timeout=STARTUP_TIMEOUT_SECONDS)
             except queue.Empty:
                 pytest.fail("the server did not start in time:\n" + "".join(log[-30:]))
-            if process.poll() is not None and lines.empty():
-                pytest.fail(f"the server exited with status {process.returncode}:\n" + "".join(log[-30:]))
+            if line is None:
+                pytest.fail(f"the server exited with status {process.wait()}:\n" + "".join(log[-30:]))
+            log.append(line)
         with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0) as client:
             yield client
     finally:
