@@ -128,6 +128,7 @@ class MLMambaProcessor(ProcessorMixin):
         if tokenizer is None:
             raise ValueError("MLMambaProcessor needs the language model's tokenizer")
         image_processor = MLMambaImageProcessor() if image_processor is None else image_processor
+        # By name: a folder's own copy of the code (trust_remote_code) defines a class of the same name.
         if not any(cls.__name__ == "MLMambaImageProcessor" for cls in type(image_processor).__mro__):
             raise TypeError(
                 f"image_processor must be an MLMambaImageProcessor (both towers' pixels from one resize), got "
@@ -179,7 +180,6 @@ class MLMambaProcessor(ProcessorMixin):
             return super()._get_arguments_from_pretrained(pretrained_model_name_or_path, processor_dict, **kwargs)
         from transformers import AutoTokenizer
 
-        kwargs.pop("trust_remote_code", None)
         tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
         image_processor = MLMambaImageProcessor.from_tower_processors(
             *(processor_dict[key] for key in TOWER_PROCESSOR_KEYS)
