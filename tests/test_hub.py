@@ -206,13 +206,13 @@ def package_code_files() -> dict[str, Path]:
 
 
 def test_default_model_folder_code_is_the_package_code():
-    """The folder's code is a copy: after changing the package's model code, refresh it with
-    `python examples/export_default_model.py --refresh-code`."""
+    """The folder's code is a copy, refreshed by `write_model_code` (the export script's --refresh-code)."""
+    refresh = "refresh it: modeling_mlmamba.model_card.write_model_code(modeling_mlmamba.DEFAULT_MODEL)"
     expected = package_code_files()
     folder = Path(DEFAULT_MODEL)
-    assert sorted(path.name for path in folder.glob("*.py")) == sorted(expected), "stale code copies"
+    assert sorted(path.name for path in folder.glob("*.py")) == sorted(expected), f"stale code copies; {refresh}"
     for name, source in expected.items():
-        assert (folder / name).read_bytes() == source.read_bytes(), f"default_model/{name} differs from the package"
+        assert (folder / name).read_bytes() == source.read_bytes(), f"default_model/{name} is out of date; {refresh}"
     assert (folder / "chat_template.jinja").read_text() == CHAT_TEMPLATE
 
 
