@@ -12,8 +12,11 @@ argument, 1 for a failure while running.
 """
 
 import argparse
+import logging
 import os
 import sys
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import DEFAULT_MODEL
@@ -144,9 +147,27 @@ def torch_device(name: str):
     return device
 
 
+@contextmanager
+def library_warnings_silenced():
+    """Packages that transformers imports when they are installed (torchao, bitsandbytes, ...) may log warnings or
+    warn on import; the command line answers with its own output only."""
+    logging.disable(logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            logging.disable(logging.NOTSET)
+
+
 def answer(argv) -> None:
     args = parse_answer_args(argv)
     image = read_image(args.image)
+    with library_warnings_silenced():
+        answer_image(args, image)
+
+
+def answer_image(args: argparse.Namespace, image) -> None:
     model_name, local_only = resolve_model(args.model)
     device = torch_device(args.device)
 
@@ -173,18 +194,18 @@ def serve(argv) -> None:
     """transformers' `serve` command, after registering ML-Mamba where its model loader looks: the transformers
     namespace (the loader calls `getattr(transformers, config.architectures[0])` for models outside its own
     mappings) and the image-text-to-text model names (how it tells a vision-language model from a text one)."""
-    import transformers.processing_utils
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-
-    from . import MLMambaConfig, MLMambaForConditionalGeneration
-
-    # transformers.processing_utils re-creates the `transformers` module object when first imported (done above):
-    # register on the one the server's loader will import.
-    setattr(sys.modules["transformers"], MLMambaForConditionalGeneration.__name__, MLMambaForConditionalGeneration)
-    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[MLMambaConfig.model_type] = MLMambaForConditionalGeneration.__name__
     try:
-        from transformers.cli.transformers import app
+        with library_warnings_silenced():
+            import transformers.processing_utils
+            from transformers.cli.transformers import app
+            from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
+            from . import MLMambaConfig, MLMambaForConditionalGeneration
+
+        # transformers.processing_utils re-creates the `transformers` module object when first imported (done
+        # above): register on the one the server's loader will import.
+        setattr(sys.modules["transformers"], MLMambaForConditionalGeneration.__name__, MLMambaForConditionalGeneration)
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[MLMambaConfig.model_type] = MLMambaForConditionalGeneration.__name__
         app(["serve", *argv], prog_name=PROG)
     except ImportError as error:
         raise CommandLineError(
