@@ -1,9 +1,13 @@
-"""The Hub model card (`README.md`) of a saved ML-Mamba folder: metadata, a usage snippet, the architecture."""
+"""What a saved ML-Mamba folder needs to stand alone on the Hub besides weights and processor: its model card
+(`README.md`: metadata, a usage snippet, the architecture) and a copy of the model code."""
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from transformers.dynamic_module_utils import custom_object_save
+
+from .processing_mlmamba import render_chat
 
 PAPER_URL = "https://arxiv.org/abs/2407.19832"
 DEFAULT_TAGS = ("ml-mamba", "mamba2", "multimodal", "vision-language", "custom_code")
@@ -12,7 +16,7 @@ USAGE = '''```python
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 {package_import}
-repo = "{repo}"
+{repo_line}
 processor = AutoProcessor.from_pretrained(repo{remote_code})
 model = AutoModelForImageTextToText.from_pretrained(repo{remote_code})
 
@@ -43,6 +47,7 @@ def write_model_card(
     description: str | None = None,
     question: str = "What is in the image?",
     remote_code: bool = True,
+    embedded: bool = False,
 ) -> ModelCard:
     """Write `folder/README.md` for a saved ML-Mamba model and return the card.
 
@@ -60,7 +65,9 @@ def write_model_card(
         description: a paragraph about this checkpoint, placed under the title.
         question: the question of the usage snippet.
         remote_code: whether the folder carries the model code (`save_pretrained` copies it); without it the
-            card tells users to import `modeling_mlmamba`, which registers the classes.
+            card tells users to register the classes from the `modeling_mlmamba` package.
+        embedded: the folder is the package's `DEFAULT_MODEL`: the snippet finds it through the installed package
+            (from any directory), or at `repo_id` when given.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -90,10 +97,12 @@ def write_model_card(
         "Connector and a Mamba-2 language model that answers in linear time.",
         "## Usage",
         "The model code travels with the weights, so `trust_remote_code=True` is needed." if remote_code else
-        "The model code comes from the `modeling_mlmamba` package: `import modeling_mlmamba` registers it.",
+        "The model code comes from the `modeling_mlmamba` package: `modeling_mlmamba.register_auto_classes()` "
+        "registers it with the Auto classes.",
         USAGE.format(
-            repo=repo_id or folder.as_posix(), size=config.dino_config.image_size, question=question,
-            package_import="" if remote_code else "\nimport modeling_mlmamba  # registers ML-Mamba's classes\n",
+            repo_line=_repo_line(repo_id or (None if embedded else folder.as_posix()), embedded),
+            size=config.dino_config.image_size, question=question,
+            package_import="" if remote_code else "\nimport modeling_mlmamba\n\nmodeling_mlmamba.register_auto_classes()\n",
             remote_code=", trust_remote_code=True" if remote_code else "",
         ),
         "## Architecture",
@@ -104,6 +113,30 @@ def write_model_card(
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
     card.save(folder / "README.md")
     return card
+
+
+def _repo_line(repo_id: str | None, embedded: bool) -> str:
+    package_folder = "from modeling_mlmamba import DEFAULT_MODEL as repo"
+    if repo_id is None:
+        return f"{package_folder}  # this folder, inside the installed modeling_mlmamba package"
+    return f'repo = "{repo_id}"' + (f"  # or the copy in the modeling_mlmamba package: {package_folder}" if embedded else "")
+
+
+def write_model_code(folder) -> list[str]:
+    """Copy the package's model code into `folder` as `save_pretrained` does (the module of each class registered
+    for an Auto class, and every sibling module it imports), and remove copies of modules the code no longer
+    imports. Returns the file names. Re-run it on a saved folder whenever the package's code changes."""
+    from . import MLMambaConfig, MLMambaForConditionalGeneration, MLMambaImageProcessor, MLMambaProcessor
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder; save the model there first (model.save_pretrained)")
+    classes = (MLMambaConfig, MLMambaForConditionalGeneration, MLMambaImageProcessor, MLMambaProcessor)
+    written = sorted({Path(path).name for cls in classes for path in custom_object_save(cls, folder)})
+    for stale in folder.glob("*.py"):
+        if stale.name not in written:
+            stale.unlink()
+    return written
 
 
 def architecture_summary(config) -> str:
@@ -119,6 +152,8 @@ def architecture_summary(config) -> str:
         connector = f"MLP connector, width {config.connector_hidden_size}"
     layer = config.vision_feature_layer
     features = "second-to-last block" if layer == -2 else f"hidden state {layer}"
+    question = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "{question}"}]}]
+    prompt = render_chat(question, add_generation_prompt=True).replace("\n", "\\n")
     return "\n".join([
         f"- Image: {dino.image_size} px, resized without cropping, {rows}x{cols} patches = "
         f"{config.image_seq_length} image tokens placed first in the prompt",
@@ -129,8 +164,7 @@ def architecture_summary(config) -> str:
         f"- Projector: {config.projector_type}",
         f"- Language model: Mamba-2, {text.num_hidden_layers} layers, width {text.hidden_size}, state size "
         f"{text.state_size}, vocabulary {text.vocab_size}",
-        "- Prompt format: `<image><|user|>\\n{question}<|endoftext|>\\n<|assistant|>\\n` (the processor's chat "
-        "template)",
+        f"- Prompt format: `{prompt}` (the processor's chat template; a system message goes after the image tokens)",
     ])
 
 
@@ -142,4 +176,4 @@ def _results_table(eval_results: Mapping[str, float], metric: str, source: str |
     return "\n".join(lines)
 
 
-__all__ = ["architecture_summary", "write_model_card"]
+__all__ = ["architecture_summary", "write_model_card", "write_model_code"]

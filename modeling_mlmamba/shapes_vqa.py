@@ -23,6 +23,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from .answering import answer_questions
+from .processing_mlmamba import render_chat
 
 CANVAS_SIZE = 128
 SHAPES = ("circle", "square", "triangle")
@@ -223,7 +224,8 @@ def evaluate(model, processor, num_images: int = EVAL_IMAGES, seed: int = EVAL_S
 
 
 def task_texts() -> list[str]:
-    """Every question and answer the task can produce, each wrapped in the chat format."""
+    """Every question and answer the task can produce, each wrapped in the chat format (the processor's chat
+    template: a question as its prompt, an answer as what follows the generation prompt)."""
     texts = []
     for shape in SHAPES:
         texts.append(f"What color is the {shape}?")
@@ -234,8 +236,11 @@ def task_texts() -> list[str]:
     texts += [f"What shape is the {color} object?" for color in COLORS]
     texts.append("How many objects are there?")
     answers = [*COLORS, *SHAPES, *COUNT_WORDS, "yes", "no"]
-    return [f"<|user|>\n{text}<|endoftext|>\n<|assistant|>\n" for text in texts] + [
-        f"{answer}<|endoftext|>" for answer in answers
+    prompts = [render_chat([{"role": "user", "content": text}], add_generation_prompt=True) for text in texts]
+    question = [{"role": "user", "content": texts[0]}]
+    asked = render_chat(question, add_generation_prompt=True)
+    return prompts + [
+        render_chat(question + [{"role": "assistant", "content": answer}]).removeprefix(asked) for answer in answers
     ]
 
 

@@ -2,8 +2,11 @@
 
     python scripts/export_default_model.py runs/shapes --output modeling_mlmamba/default_model
 
-The folder gets the weights, processor, tokenizer and a model card with the per-question-type accuracy, but no
-copy of the model code: the package it ships in provides the classes.
+The folder gets the weights, processor, tokenizer, the model code with its `auto_map` (like any saved folder, so it
+loads with `trust_remote_code=True` where the package is not installed) and a model card with the per-question-type
+accuracy. The code is a copy of the package's: after the package's model code changes, refresh it with
+
+    python examples/export_default_model.py --refresh-code
 """
 
 import argparse
@@ -14,27 +17,13 @@ from pathlib import Path
 
 import torch
 
-from modeling_mlmamba import MLMambaForConditionalGeneration, MLMambaProcessor, write_model_card
+from modeling_mlmamba import DEFAULT_MODEL, MLMambaForConditionalGeneration, MLMambaProcessor, write_model_card
+from modeling_mlmamba.model_card import write_model_code
 from modeling_mlmamba.shapes_vqa import EVAL_IMAGES, EVAL_SEED, evaluate
 
 
-def without_auto_map(settings):
-    """A JSON value with every `auto_map` entry removed, at any depth (sub-processors carry their own)."""
-    if isinstance(settings, dict):
-        return {key: without_auto_map(value) for key, value in settings.items() if key != "auto_map"}
-    return settings
-
-
-def strip_model_code(folder: Path) -> None:
-    """Remove the copied model code and the `auto_map` entries pointing at it: the package provides the classes
-    (its Auto registration resolves `model_type: mlmamba`), so the embedded folder holds no second copy."""
-    for code_file in folder.glob("*.py"):
-        code_file.unlink()
-    for json_file in [folder / "config.json", *folder.glob("*_config.json")]:
-        json_file.write_text(json.dumps(without_auto_map(json.loads(json_file.read_text())), indent=2) + "\n")
-
-
-def export(run_folder: str, output: str, num_images: int, seed: int, device: str) -> dict[str, float]:
+def export(run_folder: str, output: str, num_images: int, seed: int, device: str,
+           repo_id: str | None = None) -> dict[str, float]:
     model = MLMambaForConditionalGeneration.from_pretrained(run_folder).to(device).eval()
     processor = MLMambaProcessor.from_pretrained(run_folder)
     scores = evaluate(model, processor, num_images=num_images, seed=seed)
@@ -44,9 +33,8 @@ def export(run_folder: str, output: str, num_images: int, seed: int, device: str
     try:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
-        strip_model_code(staging)
         write_model_card(
-            staging, model.config, model_name="mlmamba-shapes-vqa-tiny", repo_id=Path(output).as_posix(),
+            staging, model.config, model_name="mlmamba-shapes-vqa-tiny", repo_id=repo_id, embedded=True,
             datasets=["shapes-vqa"],
             eval_results={f"shapes-vqa {kind}": round(100 * score, 2) for kind, score in scores.items()},
             eval_metric="exact match (%)",
@@ -54,7 +42,7 @@ def export(run_folder: str, output: str, num_images: int, seed: int, device: str
             description="A tiny ML-Mamba trained from scratch on the synthetic shapes-vqa task (colours, shapes, "
                         "counts and positions of up to three objects): the package's embedded default model, "
                         "small enough to answer on any CPU.",
-            question="What color is the circle?", remote_code=False,
+            question="What color is the circle?",
         )
     except BaseException:
         shutil.rmtree(staging)
@@ -66,13 +54,24 @@ def export(run_folder: str, output: str, num_images: int, seed: int, device: str
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_folder", help="the output folder of examples/finetune.py")
-    parser.add_argument("--output", required=True, help="where to write the embedded model folder")
+    parser.add_argument("run_folder", nargs="?", help="the output folder of examples/finetune.py")
+    parser.add_argument("--output", default=DEFAULT_MODEL,
+                        help="where to write the embedded model folder (default: the package's DEFAULT_MODEL)")
+    parser.add_argument("--refresh-code", action="store_true",
+                        help="only replace the model code in --output with the package's current code")
+    parser.add_argument("--repo-id", help="the Hub id of the folder's copy, for the model card's usage snippet")
     parser.add_argument("--num-images", type=int, default=EVAL_IMAGES, help="held-out scenes to score")
     parser.add_argument("--seed", type=int, default=EVAL_SEED)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    scores = export(args.run_folder, args.output, args.num_images, args.seed, args.device)
+    if args.refresh_code:
+        if args.run_folder is not None:
+            parser.error("--refresh-code takes no run folder: it only copies the package's code into --output")
+        print("\n".join(write_model_code(args.output)))
+        return
+    if args.run_folder is None:
+        parser.error("give the run folder to export (or --refresh-code)")
+    scores = export(args.run_folder, args.output, args.num_images, args.seed, args.device, args.repo_id)
     print(json.dumps({kind: round(score, 4) for kind, score in scores.items()}))
 
 

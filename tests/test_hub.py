@@ -3,9 +3,11 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +17,19 @@ from conftest import tiny_model, tiny_processor
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
+from transformers.dynamic_module_utils import get_relative_import_files
 
-from modeling_mlmamba import MLMambaConfig, MLMambaForConditionalGeneration, write_model_card
+from modeling_mlmamba import (
+    DEFAULT_MODEL,
+    MLMambaConfig,
+    MLMambaForConditionalGeneration,
+    MLMambaImageProcessor,
+    MLMambaProcessor,
+    write_model_card,
+)
+from modeling_mlmamba.answering import answer_questions
+from modeling_mlmamba.model_card import write_model_code
+from modeling_mlmamba.processing_mlmamba import CHAT_TEMPLATE
 
 PROMPT = "<image><|user|>\nWhat color is the circle?<|endoftext|>\n<|assistant|>\n"
 
@@ -36,7 +49,7 @@ torch.save({"logits": logits, "input_ids": inputs["input_ids"], "modules": modul
 """
 
 
-def run_without_the_package(tmp_path, script: str, *args: str, stdin: str = "") -> None:
+def run_without_the_package(tmp_path, script: str, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
     """Run `script` in a new interpreter that cannot import `modeling_mlmamba` (not from the checkout, not from an
     editable install): a module of that name on PYTHONPATH, which wins over both, refuses to import."""
     blocker = tmp_path / "blocker"
@@ -49,6 +62,7 @@ def run_without_the_package(tmp_path, script: str, *args: str, stdin: str = "") 
         timeout=300,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +170,103 @@ def test_model_card_usage_snippet_runs_from_the_folder(hub_folder, tmp_path):
         assert not any(name.split(".")[0] == "modeling_mlmamba" for name in sys.modules)
     """)
     run_without_the_package(tmp_path, snippet + check)
+
+
+# --- the embedded default model is a Hub folder like any other -----------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE_IMAGE = REPO / "examples" / "images" / "shapes.png"
+CLASSES_WITH_CODE = (MLMambaConfig, MLMambaForConditionalGeneration, MLMambaImageProcessor, MLMambaProcessor)
+
+ANSWER_SCRIPT = """
+import sys, torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+folder, image, question = sys.argv[1:4]
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+messages = [{"role": "user", "content": [{"type": "image", "image": Image.open(image)}, {"type": "text", "text": question}]}]
+inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                       return_tensors="pt")
+output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+assert not any(name.split(".")[0] == "modeling_mlmamba" for name in sys.modules)
+assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+"""
+
+
+def package_code_files() -> dict[str, Path]:
+    """What `save_pretrained` copies: the module of each class with code, and every sibling module it imports."""
+    files = {}
+    for cls in CLASSES_WITH_CODE:
+        module_file = Path(sys.modules[cls.__module__].__file__)
+        for path in [module_file, *map(Path, get_relative_import_files(module_file))]:
+            files[path.name] = path
+    return files
+
+
+def test_default_model_folder_code_is_the_package_code():
+    """The folder's code is a copy, refreshed by `write_model_code` (the export script's --refresh-code)."""
+    refresh = "refresh it: modeling_mlmamba.model_card.write_model_code(modeling_mlmamba.DEFAULT_MODEL)"
+    expected = package_code_files()
+    folder = Path(DEFAULT_MODEL)
+    assert sorted(path.name for path in folder.glob("*.py")) == sorted(expected), f"stale code copies; {refresh}"
+    for name, source in expected.items():
+        assert (folder / name).read_bytes() == source.read_bytes(), f"default_model/{name} is out of date; {refresh}"
+    assert (folder / "chat_template.jinja").read_text() == CHAT_TEMPLATE
+
+
+def test_default_model_folder_maps_its_auto_classes_to_its_code():
+    config = json.loads((Path(DEFAULT_MODEL) / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_mlmamba.MLMambaForConditionalGeneration"
+    processor = json.loads((Path(DEFAULT_MODEL) / "processor_config.json").read_text())
+    assert processor["auto_map"] == {"AutoProcessor": "processing_mlmamba.MLMambaProcessor"}
+    assert processor["image_processor"]["auto_map"]["AutoImageProcessor"] == (
+        "image_processing_mlmamba.MLMambaImageProcessor"
+    )
+
+
+def test_default_model_copy_answers_without_the_package_like_with_it(tmp_path):
+    copy = shutil.copytree(DEFAULT_MODEL, tmp_path / "mlmamba-shapes-vqa-tiny")
+    question = "What color is the circle?"
+    result = run_without_the_package(tmp_path, ANSWER_SCRIPT, str(copy), str(EXAMPLE_IMAGE), question)
+    model = MLMambaForConditionalGeneration.from_pretrained(DEFAULT_MODEL).eval()
+    (expected,) = answer_questions(model, MLMambaProcessor.from_pretrained(DEFAULT_MODEL), [str(EXAMPLE_IMAGE)],
+                                   [question], max_new_tokens=4)
+    assert result.stdout.strip() == expected and expected in {"red", "green", "blue", "yellow"}
+
+
+def test_default_model_card_snippet_runs_from_any_directory(tmp_path):
+    [snippet] = re.findall(r"```python\n(.*?)```", (Path(DEFAULT_MODEL) / "README.md").read_text(), re.S)
+    assert "from modeling_mlmamba import DEFAULT_MODEL as repo" in snippet
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "mods")}
+    result = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip()
+
+
+def test_write_model_code_replaces_edited_and_stale_copies(tmp_path):
+    folder = shutil.copytree(DEFAULT_MODEL, tmp_path / "model")
+    (folder / "connector.py").write_text("edited\n")
+    (folder / "old_module.py").write_text("no longer imported\n")
+    (folder / "ssd.py").unlink()
+    written = write_model_code(folder)
+    assert written == sorted(package_code_files())
+    assert sorted(path.name for path in folder.glob("*.py")) == written
+    for name, source in package_code_files().items():
+        assert (folder / name).read_bytes() == source.read_bytes()
+    with pytest.raises(ValueError, match="is not a folder"):
+        write_model_code(tmp_path / "missing")
+
+
+def test_model_card_without_remote_code_runs_with_the_package(hub_folder, tmp_path):
+    folder, model = hub_folder
+    write_model_card(folder, model.config, remote_code=False)
+    [snippet] = re.findall(r"```python\n(.*?)```", (folder / "README.md").read_text(), re.S)
+    assert "trust_remote_code" not in snippet and "modeling_mlmamba.register_auto_classes()" in snippet
+    check = "\nassert type(model).__module__ == 'modeling_mlmamba.modeling_mlmamba', type(model).__module__\n"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", snippet + check], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
