@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .processing_mlmamba import IMAGE_TOKEN, to_rgb_image
+from .image_processing_mlmamba import to_rgb_image
+from .processing_mlmamba import IMAGE_TOKEN
 
 logger = logging.getLogger(__name__)
 

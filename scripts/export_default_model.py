@@ -6,7 +6,7 @@ The folder gets the weights, processor, tokenizer, the model code with its `auto
 loads with `trust_remote_code=True` where the package is not installed) and a model card with the per-question-type
 accuracy. The code is a copy of the package's: after the package's model code changes, refresh it with
 
-    python examples/export_default_model.py --refresh-code
+    python scripts/export_default_model.py --refresh-code
 """
 
 import argparse

@@ -4,13 +4,15 @@ The scan orders (which way each direction walks the patches) and their inverses 
 and `inverse_orders`; the mixer, the tests and anything else that needs them call these two functions.
 """
 
+from typing import get_args
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .configuration_mlmamba import MLMambaConfig
-from .mamba2 import GatedRMSNorm, SSMDimensions, causal_conv, selective_scan
+from .configuration_mlmamba import ConnectorScan, MLMambaConfig
+from .mamba2 import CausalConv1d, GatedRMSNorm, SSMDimensions, selective_scan
 
 
 def scan_orders(scan: str, rows: int, cols: int, device=None) -> torch.Tensor:
@@ -25,7 +27,7 @@ def scan_orders(scan: str, rows: int, cols: int, device=None) -> torch.Tensor:
     if scan == "cross":
         column_major = row_major.view(rows, cols).t().reshape(-1)
         return torch.stack([row_major, row_major.flip(0), column_major, column_major.flip(0)])
-    raise ValueError(f"unknown scan {scan!r}; expected 'bidirectional' or 'cross'")
+    raise ValueError(f"unknown scan {scan!r}; expected one of {get_args(ConnectorScan)}")
 
 
 def inverse_orders(orders: torch.Tensor) -> torch.Tensor:
@@ -34,14 +36,27 @@ def inverse_orders(orders: torch.Tensor) -> torch.Tensor:
 
 
 class ScanDirection(nn.Module):
-    """What one scan direction owns: its causal conv, time-step bias, decay rates A and skip D."""
+    """One scan direction: its causal conv, time-step bias, decay rates A and skip D, run over the projected
+    sequence in this direction's order.
 
-    def __init__(self, conv_dim: int, conv_kernel: int, num_heads: int):
+    Its parameters are read only inside its own `forward` (and its conv's), so accelerate's offloading hooks, which
+    load a module's weights when that module is called, load them.
+    """
+
+    def __init__(self, dims: SSMDimensions, conv_kernel: int, chunk_size: int):
         super().__init__()
-        self.conv1d = nn.Conv1d(conv_dim, conv_dim, conv_kernel, groups=conv_dim, padding=conv_kernel - 1)
-        self.dt_bias = nn.Parameter(torch.zeros(num_heads))
-        self.A_log = nn.Parameter(torch.zeros(num_heads))
-        self.D = nn.Parameter(torch.ones(num_heads))
+        self.dims = dims
+        self.chunk_size = chunk_size
+        self.conv1d = CausalConv1d(dims.conv_dim, conv_kernel)
+        self.dt_bias = nn.Parameter(torch.zeros(dims.num_heads))
+        self.A_log = nn.Parameter(torch.zeros(dims.num_heads))
+        self.D = nn.Parameter(torch.ones(dims.num_heads))
+
+    def forward(self, xbc: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+        """xbc (batch, length, conv_dim) and raw dt (batch, length, heads), both in this direction's scan order ->
+        y (batch, length, inner) in that same order."""
+        y, _ = selective_scan(self.dims, self, self.conv1d(xbc), dt, self.chunk_size)
+        return y
 
 
 class MultiScanMamba2Mixer(nn.Module):
@@ -59,14 +74,13 @@ class MultiScanMamba2Mixer(nn.Module):
             hidden, config.connector_expand, config.connector_head_dim, config.connector_n_groups,
             config.connector_state_size,
         )
-        self.chunk_size = config.connector_chunk_size
         self.scan = config.connector_scan
         self.grid = config.image_grid
 
         self.in_proj = nn.Linear(hidden, self.dims.projection_size, bias=False)
         num_directions = scan_orders(self.scan, *self.grid).shape[0]
         self.directions = nn.ModuleList(
-            ScanDirection(self.dims.conv_dim, config.connector_conv_kernel, self.dims.num_heads)
+            ScanDirection(self.dims, config.connector_conv_kernel, config.connector_chunk_size)
             for _ in range(num_directions)
         )
         inner = self.dims.inner_size
@@ -81,8 +95,7 @@ class MultiScanMamba2Mixer(nn.Module):
         orders = scan_orders(self.scan, *self.grid, device=hidden_states.device)
         merged = 0
         for direction, order, inverse in zip(self.directions, orders, inverse_orders(orders)):
-            conv_out = causal_conv(xbc[:, order], direction.conv1d)
-            y, _ = selective_scan(self.dims, direction, conv_out, dt[:, order], self.chunk_size)
+            y = direction(xbc[:, order], dt[:, order])
             merged = merged + self.norm(y[:, inverse], gate)
         return self.out_proj(merged / len(self.directions))
 
@@ -119,6 +132,14 @@ class MLMambaConnectorBlock(GradientCheckpointingLayer):
         return hidden_states
 
 
+def num_scan_blocks(config: MLMambaConfig) -> int:
+    """The connector variants, by `connector_type`: the Mamba-2 Scan Connector (`msc`) runs `connector_num_layers`
+    scan blocks after `Linear + GELU`, the paper's `mlp` baseline none. Everything that depends on the variant
+    (the modules built, what a model card says) asks this function."""
+    blocks_per_type = {"msc": config.connector_num_layers, "mlp": 0}
+    return blocks_per_type[config.connector_type]
+
+
 class MLMambaConnector(nn.Module):
     """Vision features (B, patches, dino+siglip channels) -> (B, patches, connector_hidden_size).
 
@@ -129,7 +150,7 @@ class MLMambaConnector(nn.Module):
     def __init__(self, config: MLMambaConfig):
         super().__init__()
         self.input_proj = nn.Linear(config.vision_feature_size, config.connector_hidden_size)
-        num_layers = config.connector_num_layers if config.connector_type == "msc" else 0
+        num_layers = num_scan_blocks(config)
         self.layers = nn.ModuleList(MLMambaConnectorBlock(config) for _ in range(num_layers))
         self.norm_f = nn.LayerNorm(config.connector_hidden_size, eps=config.connector_norm_eps) if num_layers else None
 
