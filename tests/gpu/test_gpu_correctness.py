@@ -119,9 +119,13 @@ def test_gpu_forward_matches_the_cpu_path_in_the_same_dtype(
         monkeypatch.setattr(mamba2, "causal_conv1d_update", None)
     error = relative_error(outputs(gpu_models[dtype], *prompt)[name], cpu_outputs[dtype][name])
     record_property("rel_err", error)
+    # In bf16 the logits of two correct runs that round in different orders differ by about what bf16 itself costs
+    # (measured 2.3e-2 on an H100 and on an H200, with the CPU bf16 path 2.5e-2 from float32): the GPU may be as far
+    # from the CPU bf16 path as that path is from float32, and never further than the fixed bound otherwise.
     format_gap = relative_error(cpu_outputs[dtype][name], cpu_outputs[torch.float32][name])
-    assert error <= bound, (
-        f"{name}, GPU {dtype} {conv} vs CPU {dtype}: rel. error {error:.2e} > {bound:.0e} (for scale: the CPU path in "
+    allowed = bound if dtype == torch.float32 else max(bound, format_gap)
+    assert error <= allowed, (
+        f"{name}, GPU {dtype} {conv} vs CPU {dtype}: rel. error {error:.2e} > {allowed:.2e} (the CPU path in "
         f"{dtype} is {format_gap:.2e} from the CPU path in float32)"
     )
 
