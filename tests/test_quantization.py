@@ -133,7 +133,8 @@ def test_quantized_image_path_keeps_the_activation_dtype(saved_model, monkeypatc
     assert model.model.connector.input_proj.weight.dtype == torch.int8
     inputs = image_inputs(model.config)
     with torch.no_grad():
-        assert model.get_image_features(inputs["pixel_values"]).dtype == torch.bfloat16
+        features = model.get_image_features(inputs["pixel_values"])
+        assert {image.dtype for image in features.pooler_output} == {torch.bfloat16}
     output = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert output.shape[1] == inputs["input_ids"].shape[1] + 3
 
