@@ -2,7 +2,7 @@
 
 `import modeling_mlmamba` is light (neither torch nor transformers is imported), so that the command line answers
 `--help` and bad arguments at once. The first name taken from the package (`from modeling_mlmamba import
-MLMambaForConditionalGeneration`, `modeling_mlmamba.MLMambaProcessor`, ...) imports the model code and registers
+MLMambaForConditionalGeneration`, `modeling_mlmamba.DEFAULT_MODEL`, ...) imports the model code and registers
 ML-Mamba with transformers' Auto classes; `register_auto_classes()` does the same explicitly.
 """
 
@@ -10,8 +10,9 @@ import importlib
 from functools import cache
 from pathlib import Path
 
-# The embedded default model: a tiny ML-Mamba trained on shapes-vqa, what `python -m modeling_mlmamba` runs.
-DEFAULT_MODEL = str(Path(__file__).resolve().parent / "default_model")
+# The embedded default model: a tiny ML-Mamba trained on shapes-vqa, what `python -m modeling_mlmamba` runs (which
+# reads this path without registering anything); `modeling_mlmamba.DEFAULT_MODEL` registers, as users then load it.
+DEFAULT_MODEL_FOLDER = str(Path(__file__).resolve().parent / "default_model")
 
 # Public name -> the module that defines it.
 _EXPORTS = {
@@ -58,6 +59,9 @@ def register_auto_classes() -> None:
 
 
 def __getattr__(name: str):
+    if name == "DEFAULT_MODEL":
+        register_auto_classes()
+        return DEFAULT_MODEL_FOLDER
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     register_auto_classes()
@@ -67,7 +71,7 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+    return sorted({*globals(), "DEFAULT_MODEL", *_EXPORTS})
 
 
 __all__ = ["DEFAULT_MODEL", "register_auto_classes", *_EXPORTS]

@@ -19,7 +19,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import DEFAULT_MODEL
+from . import DEFAULT_MODEL_FOLDER
 
 PROG = "mlmamba"
 USAGE_ERROR, RUNTIME_ERROR = 2, 1
@@ -47,7 +47,7 @@ def answer_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--image", required=True, help="path of the image file")
     parser.add_argument("--question", required=True, help="the question, e.g. 'What color is the circle?'")
-    parser.add_argument("--model", default=DEFAULT_MODEL,
+    parser.add_argument("--model", default=DEFAULT_MODEL_FOLDER,
                         help="a converted or saved ML-Mamba folder or Hub id (default: the embedded shapes-vqa model)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens (default: 64)")
