@@ -5,6 +5,8 @@ import copy
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from accelerate import cpu_offload
 from conftest import image_prompt, random_pixels, tiny_model
 from transformers import DynamicCache
@@ -41,6 +43,17 @@ def disk_offloaded(folder, offload_folder):
     ).eval()
 
 
+# Disk offloading through `from_pretrained(device_map=..., offload_folder=...)` gives each offloaded module the weights
+# of another on transformers 5.18 with accelerate 1.14 (the oldest supported set: a LayerNorm receives an in_proj
+# weight), and loads correctly on transformers 5.24 with accelerate 1.15. Not yet traced to the release that fixed
+# it: offloaded loading is supported from 5.24 on.
+needs_offloading_loader = pytest.mark.skipif(
+    Version(transformers.__version__) < Version("5.24"),
+    reason="disk-offloaded loading of this model is verified from transformers 5.24 on (5.18 mismatches weights)",
+)
+
+
+@needs_offloading_loader
 def test_disk_offloaded_model_gives_the_unsplit_logits_and_greedy_tokens(saved, tmp_path):
     model, folder = saved
     offloaded = disk_offloaded(folder, tmp_path)
@@ -66,6 +79,7 @@ def test_every_weight_is_read_through_its_own_modules_forward(saved):
     assert torch.equal(tokens, expected_tokens)
 
 
+@needs_offloading_loader
 def test_graph_seam_declines_an_offloaded_model(saved, tmp_path, monkeypatch):
     """Replayed graphs would call each layer's `step` directly, past the hooks that load the weights."""
     model, folder = saved
