@@ -16,8 +16,8 @@ the vision towers). Rows, through plain `model.generate()` (greedy, every new to
     which it ran out of memory;
   * greedy tokens with and without CUDA graphs and the fused step: identical with and without graphs is checked
     (the run fails otherwise); fused against per-op is reported, with the logit difference.
-A table is printed last and everything is written to --json. `--tiny` runs every row with tiny models on the CPU
-(a smoke test: the numbers mean nothing).
+Each stage writes --json as it ends (a stopped run keeps its numbers); the table is printed last. `--tiny` runs
+every row with tiny models on the CPU (a smoke test: the numbers mean nothing).
 
     python benchmarks/benchmark.py --json benchmark.json
 """
@@ -274,7 +274,7 @@ def prefill_split(plan, model, ids, pixels):
     return {"generate_1_token": generate * 1e3, "forward": host * 1e3, "forward_device_time": statistics.median(gpu)}
 
 
-def bench_mlmamba(plan: Plan, results: dict, many_images: bool):
+def bench_mlmamba(plan: Plan, results: dict, many_images: bool, checkpoint):
     model = build_mlmamba(plan)
     bandwidth = copy_bandwidth(plan.device)
     results["bandwidth"] = {
@@ -283,6 +283,7 @@ def bench_mlmamba(plan: Plan, results: dict, many_images: bool):
         "decode_bytes_batch1": decode_bytes(model, 1),
     }
     results["greedy_checks"] = [greedy_checks(plan, model, batch) for batch in (1, 2)]
+    checkpoint("greedy checks")
 
     pixels1 = random_pixels(plan, 1)
     paper_ids = random_prompt(plan, 1, PROMPT_TEXT_TOKENS)
@@ -292,6 +293,7 @@ def bench_mlmamba(plan: Plan, results: dict, many_images: bool):
     results["ttft_ms"] = ttft * 1e3
     results["prefill_breakdown_ms"] = prefill_breakdown(plan, model, question_ids, pixels1)
     results["ttft_split_ms"] = prefill_split(plan, model, question_ids, pixels1)
+    checkpoint("time to first token")
 
     warm_up(model, paper_ids, pixels1)
     total, out = timed(generate_fn(model, paper_ids, pixels1, plan.new_tokens), plan.device, repeats=plan.repeats)
@@ -308,6 +310,7 @@ def bench_mlmamba(plan: Plan, results: dict, many_images: bool):
             memory = peak_memory_gib(generate_fn(model, ids, pixels, plan.new_tokens), plan.device)
             results["decode"][f"batch{batch}_{'fused' if fused else 'per_op'}"] = {
                 "tokens_per_s": rate, "peak_memory_gib": memory}
+            checkpoint(f"decode batch {batch}, {'fused' if fused else 'per-op'}")
     model.config.use_fused_decode_step = True
 
     results["peak_memory_gib_by_new_tokens_batch1"] = {
@@ -317,6 +320,7 @@ def bench_mlmamba(plan: Plan, results: dict, many_images: bool):
     rate, _ = decode_rate(plan, model, paper_ids, pixels1, plan.check_tokens, repeats=1)
     results["decode_eager_batch1_tokens_per_s"] = rate
     model.config.use_cuda_graphs = True
+    checkpoint("memory and eager decode")
 
     if many_images:
         results["many_images"] = {}
@@ -330,6 +334,7 @@ def bench_mlmamba(plan: Plan, results: dict, many_images: bool):
             results["many_images"][f"images{images}"] = {
                 "prompt_tokens": ids.shape[1], "ttft_ms": first * 1e3, "decode_tokens_per_s": rate,
                 "peak_memory_gib": memory}
+            checkpoint(f"{images} images")
     return model
 
 
@@ -555,7 +560,8 @@ def table(results) -> str:
 
 
 def profile(plan, results):
-    """Where prefill and decode time go: top kernels of one LM prefill and of one decode step (fused and per-op)."""
+    """Where prefill and decode time go: top kernels of one LM prefill, of one whole eager prefill (towers,
+    connector, projector, LM) and of one decode step (fused and per-op)."""
     model = build_mlmamba(plan)
     pixels = random_pixels(plan, 1)
     ids = random_prompt(plan, 1, PROMPT_TEXT_TOKENS)
@@ -573,6 +579,10 @@ def profile(plan, results):
             lm(embeds)
             synchronize(plan.device)
         results["profile_lm_prefill_top_ops"] = prof.key_averages().table(sort_by=by_time, row_limit=15)
+        with torch.profiler.profile(activities=activities) as prof:
+            model(input_ids=ids, pixel_values=pixels, logits_to_keep=1)
+            synchronize(plan.device)
+        results["profile_eager_prefill_top_ops"] = prof.key_averages().table(sort_by=by_time, row_limit=30)
         cache = DynamicCache(config=model.config.text_config)
         model(input_ids=ids, pixel_values=pixels, cache=cache, logits_to_keep=1)
         states = [(conv.clone(), ssm.clone()) for conv, ssm in cache_states(cache)]
@@ -586,6 +596,7 @@ def profile(plan, results):
             results[name] = prof.key_averages().table(sort_by=by_time, row_limit=12)
             print(results[name])
     print(results["profile_lm_prefill_top_ops"])
+    print(results["profile_eager_prefill_top_ops"])
 
 
 def main(argv=None):
@@ -615,11 +626,20 @@ def main(argv=None):
             json.dump(results, handle, indent=2)
         return results
 
+    started = time.perf_counter()
+
+    def checkpoint(stage: str) -> None:
+        """Write what is measured so far, so a run stopped part-way still leaves its numbers."""
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
+        print(f"[{time.perf_counter() - started:5.0f} s] {stage}", flush=True)
+
     many_images = "many-images" not in args.skip
-    model = bench_mlmamba(plan, results, many_images)
+    model = bench_mlmamba(plan, results, many_images, checkpoint)
     if "transformers-mamba2" not in args.skip:
         bench_transformers_mamba2(plan, model, results)
         _empty_cache(plan.device)
+        checkpoint("transformers Mamba2ForCausalLM")
     seq = plan.config.image_seq_length
     prompt_lengths = {"paper": seq + PROMPT_TEXT_TOKENS, "question": seq + QUESTION_TOKENS}
     if many_images:
@@ -633,10 +653,10 @@ def main(argv=None):
     else:
         bench_released(plan, results, prompt_lengths)
         _empty_cache(plan.device)
+        checkpoint("released path")
     if "llava" not in args.skip:
         bench_llava(plan, results, (1, *plan.image_counts) if many_images else (1,))
-    with open(args.json, "w") as handle:
-        json.dump(results, handle, indent=2)
+    checkpoint("done")
     print(table(results))
     broken = [check for check in results["greedy_checks"] if not (
         check["fused_identical_with_and_without_graphs"] and check["per_op_identical_with_and_without_graphs"])]
