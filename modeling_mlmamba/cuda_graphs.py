@@ -26,7 +26,7 @@ import torch
 from transformers import DynamicCache
 from transformers.utils import logging
 
-from .quantization import graph_capturable
+from .quantization import capturable_kinds, layer_capturable
 
 logger = logging.get_logger(__name__)
 
@@ -64,13 +64,24 @@ def is_neutral(name: str, value) -> bool:
     return any(value is neutral for neutral in NEUTRAL_VALUES.get(name, (None, False)))
 
 
-def weights_fingerprint(module: torch.nn.Module) -> tuple:
-    """Changes when any weight or buffer is replaced, moved or cast (new module, new storage, new dtype), which
-    stales a captured graph."""
-    return tuple(
-        (id(m), tuple((t.data_ptr(), t.dtype, t.device) for t in (*m.parameters(False), *m.buffers(False))))
-        for m in module.modules()
-    )
+def weights_state(model: torch.nn.Module) -> tuple[tuple, bool]:
+    """(fingerprint, capturable) of `model`'s weights, in one pass over its modules' own tensors.
+
+    The fingerprint changes when any module, weight or buffer is replaced, moved or cast (new module, new storage, new
+    dtype), which stales a captured graph; capturable is `quantization.graph_capturable(model)`. The walk reads the
+    modules' tensor dicts directly: at full size (~1200 modules) `modules()` and `parameters()` cost milliseconds of
+    host time, once per `generate()` call, on top of its time to first token.
+    """
+    kinds = capturable_kinds()
+    fingerprint, capturable, pending = [], True, [model]
+    while pending:
+        module = pending.pop()
+        capturable = capturable and layer_capturable(module, kinds)
+        fingerprint.append(id(module))
+        for tensors in (module._parameters, module._buffers):
+            fingerprint.extend((t.data_ptr(), t.dtype, t.device) for t in tensors.values() if t is not None)
+        pending.extend(child for child in module._modules.values() if child is not None)
+    return tuple(fingerprint), capturable
 
 
 def is_dispatched(model: torch.nn.Module) -> bool:
@@ -197,21 +208,22 @@ class GenerationGraphs:
         self.checked_cache = None
         self.pool = None
         self.capturable = None
-        self.capturable_cache = None
 
     def __reduce__(self):
         return type(self), ()
 
-    def _check_weights(self, model: torch.nn.Module, cache) -> None:
-        if self.checked_cache is not None and self.checked_cache() is cache:
-            return
-        fingerprint = weights_fingerprint(model)
-        if fingerprint != self.fingerprint:
-            self.prefill_graphs.clear()
-            self.decode_graphs.clear()
-            self.failed_captures.clear()
-            self.fingerprint = fingerprint
-        self.checked_cache = weakref.ref(cache)
+    def _check_weights(self, model: torch.nn.Module, cache) -> bool:
+        """Whether the weights' kernels can be captured (quantized layers that cannot decline); every graph is
+        dropped when the weights changed. Walked once per cache, i.e. once per `generate()` call, not per token."""
+        if self.checked_cache is None or self.checked_cache() is not cache:
+            fingerprint, self.capturable = weights_state(model)
+            if fingerprint != self.fingerprint:
+                self.prefill_graphs.clear()
+                self.decode_graphs.clear()
+                self.failed_captures.clear()
+                self.fingerprint = fingerprint
+            self.checked_cache = weakref.ref(cache)
+        return self.capturable
 
     def _shared_pool(self):
         """The memory pool of the live graphs, or a fresh one when none is alive: PyTorch releases a pool with its
@@ -230,14 +242,6 @@ class GenerationGraphs:
             self.failed_captures.add((kind, key))
             logger.warning(f"{error}; {kind} calls of this shape run eagerly from now on")
             return None
-
-    def _weights_capturable(self, model, cache) -> bool:
-        """`graph_capturable(model)` (quantized layers whose kernels a graph cannot capture decline), walked once per
-        cache, i.e. once per `generate()` call rather than per token."""
-        if self.capturable_cache is None or self.capturable_cache() is not cache:
-            self.capturable = graph_capturable(model)
-            self.capturable_cache = weakref.ref(cache)
-        return self.capturable
 
     def route(self, model, cache, input_ids=None, logits_to_keep=0, attention_mask=None, pixel_values=None,
               **other_inputs) -> str | None:
@@ -260,7 +264,7 @@ class GenerationGraphs:
             or getattr(cache.layers[0], "record_past", False)
             or is_dispatched(model)
             or not all(is_neutral(name, value) for name, value in other_inputs.items())
-            or not self._weights_capturable(model, cache)
+            or not self._check_weights(model, cache)
         ):
             return None
         if cache.has_previous_state(0):
@@ -295,7 +299,6 @@ class GenerationGraphs:
             if len(self.seen_prompts) > 4 * MAX_PREFILL_GRAPHS:
                 self.seen_prompts.popitem(last=False)
             return None
-        self._check_weights(model, cache)
         call = self.prefill_graphs.get(key)
         if call is None:
             def prefill(ids, mask, pixels):
@@ -338,7 +341,6 @@ class GenerationGraphs:
         key = (input_ids.shape[0], input_ids.device, conv.dtype, ssm.dtype, fused)
         graph = self.decode_graphs.get(key)
         if graph is None or not graph.is_bound_to(cache):
-            self._check_weights(model, cache)
             if key not in self.decode_graphs:
                 language_model = model.model.language_model
 

@@ -370,19 +370,29 @@ def test_graph_seam_replays_capturable_formats_and_declines_the_others(saved_mod
 
 
 def test_weights_are_checked_once_per_generate_call(monkeypatch):
+    """The walk over every module (the graphs' staleness and capturability) runs once per `generate()` call, on its
+    first forward, not per token."""
     model = tiny_model()
     monkeypatch.setattr(type(model), "cuda_graph_devices", ("cpu",))
     checks = []
+    walk = cuda_graphs.weights_state
 
-    def counted_check(checked_model):
+    def counted_walk(checked_model):
         checks.append(checked_model)
-        return True
+        return walk(checked_model)
 
-    monkeypatch.setattr(cuda_graphs, "graph_capturable", counted_check)
+    monkeypatch.setattr(cuda_graphs, "weights_state", counted_walk)
     inputs = image_inputs(model.config)
     for _ in range(2):
         model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
     assert checks == [model, model]
+
+
+@pytest.mark.parametrize("quantization", [None, *CPU_FORMATS])
+def test_one_walk_finds_what_graph_capturable_finds(saved_model, quantization):
+    """`weights_state` folds `graph_capturable` into the fingerprint's walk: the same answer, dense and quantized."""
+    model = load(saved_model, quantization)
+    assert cuda_graphs.weights_state(model)[1] is graph_capturable(model) is (quantization != "bnb-int8")
 
 
 # ---- QLoRA ------------------------------------------------------------------------------------------------------

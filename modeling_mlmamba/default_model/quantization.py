@@ -101,8 +101,16 @@ def bitsandbytes_layers() -> tuple[type, type] | None:
     return None if bnb is None else (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
 
 
-def layer_capturable(module: torch.nn.Module, bnb_layers: tuple[type, type] | None) -> bool:
-    """Whether CUDA graphs can capture the kernels of `module`'s own weights."""
+def capturable_kinds() -> tuple:
+    """What `layer_capturable` accepts beyond plain dense weights: bitsandbytes' (Linear4bit, Linear8bitLt) or
+    None, and torchao's `CAPTURABLE_TORCHAO_TENSORS` classes, as far as those libraries have been imported."""
+    torchao_types = (torchao_tensor_type(name) for name in CAPTURABLE_TORCHAO_TENSORS)
+    return bitsandbytes_layers(), tuple(kind for kind in torchao_types if kind is not None)
+
+
+def layer_capturable(module: torch.nn.Module, kinds: tuple) -> bool:
+    """Whether CUDA graphs can capture the kernels of `module`'s own weights (`kinds`: `capturable_kinds()`)."""
+    bnb_layers, torchao_types = kinds
     if bnb_layers is not None:
         linear_4bit, linear_8bit = bnb_layers
         if isinstance(module, linear_8bit):
@@ -110,16 +118,18 @@ def layer_capturable(module: torch.nn.Module, bnb_layers: tuple[type, type] | No
             return module.state.threshold == 0
         if isinstance(module, linear_4bit):
             return True
-    capturable = tuple(torchao_tensor_type(name) for name in CAPTURABLE_TORCHAO_TENSORS)
-    return all(is_dense_weight(p) or type(p) in capturable for p in module.parameters(recurse=False))
+    return all(
+        weight is None or is_dense_weight(weight) or type(weight) in torchao_types
+        for weight in module._parameters.values()
+    )
 
 
 def graph_capturable(model: torch.nn.Module) -> bool:
     """Whether every layer's weights run kernels that CUDA graphs can capture: plain dense weights, bitsandbytes'
     4-bit layers, LLM.int8() without outlier search, and torchao's `CAPTURABLE_TORCHAO_TENSORS`. Any other layer or
     tensor subclass declines, so generation then runs eagerly instead of failing inside a capture."""
-    bnb_layers = bitsandbytes_layers()
-    return all(layer_capturable(module, bnb_layers) for module in model.modules())
+    kinds = capturable_kinds()
+    return all(layer_capturable(module, kinds) for module in model.modules())
 
 
 __all__ = ["QUANTIZATION_FORMATS", "graph_capturable", "quantization_config"]
