@@ -68,27 +68,23 @@ def weights_state(model: torch.nn.Module) -> tuple[tuple, bool]:
     """(fingerprint, capturable) of `model`'s weights, in one pass over its modules' own tensors.
 
     The fingerprint changes when any module, weight or buffer is replaced, moved or cast (new module, new storage, new
-    dtype), which stales a captured graph; capturable is `quantization.graph_capturable(model)`. The walk reads the
-    modules' tensor dicts directly: at full size (~1200 modules) `modules()` and `parameters()` cost milliseconds of
-    host time, once per `generate()` call, on top of its time to first token.
+    dtype), which stales a captured graph. Capturable means a graph may record the model: every layer's kernels can be
+    captured (`quantization.graph_capturable`) and no module is run by accelerate's hooks (a `device_map` over several
+    devices, "cpu" or "disk" offloading, `cpu_offload` of any part), which bring weights to the device only around
+    that module's `forward`, where a replayed graph would not call them. The walk reads the modules' tensor dicts
+    directly: at full size (~1200 modules) `modules()` and `parameters()` cost milliseconds of host time, once per
+    `generate()` call, on top of its time to first token.
     """
     kinds = capturable_kinds()
     fingerprint, capturable, pending = [], True, [model]
     while pending:
         module = pending.pop()
-        capturable = capturable and layer_capturable(module, kinds)
+        capturable = capturable and layer_capturable(module, kinds) and not hasattr(module, "_hf_hook")
         fingerprint.append(id(module))
         for tensors in (module._parameters, module._buffers):
             fingerprint.extend((t.data_ptr(), t.dtype, t.device) for t in tensors.values() if t is not None)
         pending.extend(child for child in module._modules.values() if child is not None)
     return tuple(fingerprint), capturable
-
-
-def is_dispatched(model: torch.nn.Module) -> bool:
-    """Whether accelerate's hooks run the model (`device_map` over several devices, "cpu" or "disk" offloading):
-    they bring each module's weights to the device only around that module's `forward`, which a replayed graph
-    would bypass."""
-    return hasattr(model, "_hf_hook")
 
 
 class GraphCaptureError(RuntimeError):
@@ -213,8 +209,8 @@ class GenerationGraphs:
         return type(self), ()
 
     def _check_weights(self, model: torch.nn.Module, cache) -> bool:
-        """Whether the weights' kernels can be captured (quantized layers that cannot decline); every graph is
-        dropped when the weights changed. Walked once per cache, i.e. once per `generate()` call, not per token."""
+        """Whether a graph may record the model (`weights_state`); every graph is dropped when the weights
+        changed. Walked once per cache, i.e. once per `generate()` call, not per token."""
         if self.checked_cache is None or self.checked_cache() is not cache:
             fingerprint, self.capturable = weights_state(model)
             if fingerprint != self.fingerprint:
@@ -262,7 +258,6 @@ class GenerationGraphs:
             or model.training
             or torch.is_grad_enabled()
             or getattr(cache.layers[0], "record_past", False)
-            or is_dispatched(model)
             or not all(is_neutral(name, value) for name, value in other_inputs.items())
             or not self._check_weights(model, cache)
         ):

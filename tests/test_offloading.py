@@ -79,6 +79,23 @@ def test_every_weight_is_read_through_its_own_modules_forward(saved):
     assert torch.equal(tokens, expected_tokens)
 
 
+def test_graph_seam_declines_a_model_with_one_offloaded_part(monkeypatch):
+    """`cpu_offload` of the language model alone hooks its modules, not the model's top: graphs must still decline,
+    since a replay would read the LM's weights past the hooks that bring them in."""
+    model = tiny_model().eval()
+    monkeypatch.setattr(MLMambaForConditionalGeneration, "cuda_graph_devices", ("cpu",))
+    batch = inputs(model.config, batch=1)
+    _, expected_tokens = logits_and_greedy_tokens(model, model.config)
+    cpu_offload(model.model.language_model, execution_device=torch.device("cpu"))
+    assert not hasattr(model, "_hf_hook")
+    cache = DynamicCache(config=model.config.text_config)
+    with torch.no_grad():
+        model(**batch, cache=cache)
+        assert model.cuda_graphs.route(model, cache, input_ids=torch.tensor([[9]])) is None
+    _, tokens = logits_and_greedy_tokens(model, model.config)
+    assert torch.equal(tokens, expected_tokens)
+
+
 @needs_offloading_loader
 def test_graph_seam_declines_an_offloaded_model(saved, tmp_path, monkeypatch):
     """Replayed graphs would call each layer's `step` directly, past the hooks that load the weights."""
