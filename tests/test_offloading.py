@@ -3,10 +3,8 @@ the model gives the logits and greedy tokens of the model loaded whole, and the 
 
 import copy
 
-import accelerate
 import pytest
 import torch
-from packaging.version import Version
 from accelerate import cpu_offload
 from conftest import image_prompt, random_pixels, tiny_model
 from transformers import DynamicCache
@@ -43,17 +41,6 @@ def disk_offloaded(folder, offload_folder):
     ).eval()
 
 
-# accelerate 1.14's dispatch_model keys tied weights by data pointer, and a weight left on the meta device for disk
-# offloading has pointer 0: with the tied embeddings and lm_head on disk, every disk-offloaded weight is then onloaded
-# as the first one read (here a LayerNorm receives a [128, 64] weight). accelerate 1.15 leaves meta tensors out of
-# that map; the transformers release does not matter (5.17 and 5.24 fail with 1.14 and pass with 1.15).
-needs_offloading_loader = pytest.mark.skipif(
-    Version(accelerate.__version__) < Version("1.15"),
-    reason="accelerate < 1.15 gives every disk-offloaded weight the first one loaded when tied weights are on disk",
-)
-
-
-@needs_offloading_loader
 def test_disk_offloaded_model_gives_the_unsplit_logits_and_greedy_tokens(saved, tmp_path):
     model, folder = saved
     offloaded = disk_offloaded(folder, tmp_path)
@@ -96,7 +83,6 @@ def test_graph_seam_declines_a_model_with_one_offloaded_part(monkeypatch):
     assert torch.equal(tokens, expected_tokens)
 
 
-@needs_offloading_loader
 def test_graph_seam_declines_an_offloaded_model(saved, tmp_path, monkeypatch):
     """Replayed graphs would call each layer's `step` directly, past the hooks that load the weights."""
     model, folder = saved
