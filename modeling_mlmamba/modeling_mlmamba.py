@@ -40,6 +40,7 @@ MODEL_KEYWORDS = ("return_dict", "output_attentions")
 # Passed on to the loss: Trainer's token count across accumulated batches, and targets already shifted (sequence or
 # context parallel training shifts before sharding).
 LOSS_KEYWORDS = ("num_items_in_batch", "shift_labels")
+HEAD_KEYWORDS = MODEL_KEYWORDS + LOSS_KEYWORDS
 
 
 def pick_cache(**caches):
@@ -349,7 +350,7 @@ class MLMambaModel(MLMambaPreTrainedModel):
             after the tokens it has seen: continuing it, pass only the tokens it has not seen.
         return_dict, output_attentions (*optional*): as transformers passes them; any other keyword is a TypeError.
         """
-        check_keyword_arguments(f"{type(self).__name__}.forward", MLMambaModel.forward, kwargs, MODEL_KEYWORDS)
+        check_keyword_arguments(MLMambaModel.forward, kwargs, MODEL_KEYWORDS)
         cache = pick_cache(cache=cache, cache_params=cache_params, past_key_values=past_key_values)
         right_padded = self.check_inputs(input_ids, inputs_embeds, pixel_values, attention_mask, cache, use_cache)
         if inputs_embeds is None:
@@ -478,8 +479,7 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
         num_items_in_batch, shift_labels (*optional*): passed on to the loss, as transformers' Trainer passes them.
         return_dict, output_attentions (*optional*): as for `MLMambaModel`; any other keyword is a TypeError.
         """
-        check_keyword_arguments(f"{type(self).__name__}.forward", MLMambaForConditionalGeneration.forward, kwargs,
-                                (*MODEL_KEYWORDS, *LOSS_KEYWORDS))
+        check_keyword_arguments(MLMambaForConditionalGeneration.forward, kwargs, HEAD_KEYWORDS)
         cache = pick_cache(cache=cache, cache_params=cache_params, past_key_values=past_key_values)
         logits = self.cuda_graphs.replay(
             self, cache, input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,

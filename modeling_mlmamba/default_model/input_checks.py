@@ -25,7 +25,7 @@ def require_tensor(name: str, value, fix: str) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {kind}; {fix}")
 
 
-def check_keyword_arguments(name: str, function, kwargs: dict, accepted: tuple[str, ...]) -> None:
+def check_keyword_arguments(function, kwargs: dict, accepted: tuple[str, ...]) -> None:
     """Refuse the keyword arguments a `**kwargs` catch-all received beyond the `accepted` names, as Python refuses
     them for a function without one. The model's `forward` keeps `**kwargs` (transformers' Trainer passes loss
     arguments only to a forward that has it), and without this check a misspelt `pixel_value=...` would be dropped
@@ -38,7 +38,7 @@ def check_keyword_arguments(name: str, function, kwargs: dict, accepted: tuple[s
     guesses = [f"{key!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(key, takes, n=1))
                else repr(key) for key in unexpected]
     plural = "s" if len(unexpected) > 1 else ""
-    raise TypeError(f"{name}() got unexpected keyword argument{plural} {', '.join(guesses)}; it takes "
+    raise TypeError(f"{function.__qualname__}() got unexpected keyword argument{plural} {', '.join(guesses)}; it takes "
                     f"{', '.join(takes)}")
 
 
