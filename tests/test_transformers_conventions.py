@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import image_prompt, random_pixels, tiny_model
+from conftest import image_prompt, random_pixels, tiny_model, tiny_tokenizer
 from transformers import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -102,11 +102,17 @@ def test_forward_passes_trainers_loss_arguments_on_to_the_loss(model):
 
 
 def test_forward_takes_what_generate_and_peft_pass(model):
-    """generate() adds return_dict and, when asked, output_attentions; peft passes them as None. The language model
-    has no attention, so there are none to return."""
+    """generate() adds return_dict, output_attentions when asked, and the tokenizer it was given (for stop strings,
+    as `transformers serve` passes it); peft passes return_dict and output_attentions as None. The language model has no attention, so there are none
+    to return."""
     ids, pixels = prompt(model.config)
     with torch.no_grad():
         expected = model(input_ids=ids, pixel_values=pixels).logits
+        tokenizer = tiny_tokenizer()
+        assert torch.equal(model(input_ids=ids, pixel_values=pixels, tokenizer=tokenizer).logits, expected)
+        generated = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=3, do_sample=False)
+        assert torch.equal(model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=3, do_sample=False,
+                                          tokenizer=tokenizer), generated)
         for extra in (dict(return_dict=True, output_attentions=True), dict(return_dict=None, output_attentions=None)):
             assert torch.equal(model(input_ids=ids, pixel_values=pixels, **extra).logits, expected)
             assert torch.equal(model.model(input_ids=ids, pixel_values=pixels, **extra).last_hidden_state,

@@ -40,7 +40,10 @@ MODEL_KEYWORDS = ("return_dict", "output_attentions")
 # Passed on to the loss: Trainer's token count across accumulated batches, and targets already shifted (sequence or
 # context parallel training shifts before sharding).
 LOSS_KEYWORDS = ("num_items_in_batch", "shift_labels")
-HEAD_KEYWORDS = MODEL_KEYWORDS + LOSS_KEYWORDS
+# generate(tokenizer=...) (stop strings, token healing; `transformers serve` passes it) hands its tokenizers on to
+# every forward call with the inputs.
+GENERATE_KEYWORDS = ("tokenizer", "assistant_tokenizer")
+HEAD_KEYWORDS = MODEL_KEYWORDS + LOSS_KEYWORDS + GENERATE_KEYWORDS
 
 
 def pick_cache(**caches):
@@ -477,6 +480,7 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
         cache / cache_params / past_key_values (`Cache`, *optional*):
             The recurrent state of the language model, under any of transformers' names for it (see `MLMambaModel`).
         num_items_in_batch, shift_labels (*optional*): passed on to the loss, as transformers' Trainer passes them.
+        tokenizer, assistant_tokenizer (*optional*): what generate() passes on with its inputs; not read here.
         return_dict, output_attentions (*optional*): as for `MLMambaModel`; any other keyword is a TypeError.
         """
         check_keyword_arguments(MLMambaForConditionalGeneration.forward, kwargs, HEAD_KEYWORDS)
