@@ -19,6 +19,7 @@ _EXPORTS = {
     "MLMambaConfig": "configuration_mlmamba",
     "MLMambaForConditionalGeneration": "modeling_mlmamba",
     "MLMambaImageProcessor": "image_processing_mlmamba",
+    "MLMambaImageProcessorTorchvision": "image_processing_mlmamba",
     "MLMambaModel": "modeling_mlmamba",
     "MLMambaPreTrainedModel": "modeling_mlmamba",
     "MLMambaProcessor": "processing_mlmamba",
@@ -40,7 +41,7 @@ def register_auto_classes() -> None:
     )
 
     from .configuration_mlmamba import MLMambaConfig
-    from .image_processing_mlmamba import MLMambaImageProcessor
+    from .image_processing_mlmamba import MLMambaImageProcessor, MLMambaImageProcessorTorchvision
     from .modeling_mlmamba import MLMambaForConditionalGeneration, MLMambaModel
     from .processing_mlmamba import MLMambaProcessor
 
@@ -48,13 +49,18 @@ def register_auto_classes() -> None:
     AutoModel.register(MLMambaConfig, MLMambaModel, exist_ok=True)
     AutoModelForImageTextToText.register(MLMambaConfig, MLMambaForConditionalGeneration, exist_ok=True)
     AutoModelForCausalLM.register(MLMambaConfig, MLMambaForConditionalGeneration, exist_ok=True)
-    AutoImageProcessor.register(MLMambaConfig, image_processor_classes={"pil": MLMambaImageProcessor}, exist_ok=True)
+    AutoImageProcessor.register(
+        MLMambaConfig,
+        image_processor_classes={"pil": MLMambaImageProcessor, "torchvision": MLMambaImageProcessorTorchvision},
+        exist_ok=True,
+    )
     AutoProcessor.register(MLMambaConfig, MLMambaProcessor, exist_ok=True)
 
     MLMambaConfig.register_for_auto_class()
     MLMambaModel.register_for_auto_class("AutoModel")
     MLMambaForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
     MLMambaImageProcessor.register_for_auto_class("AutoImageProcessor")
+    MLMambaImageProcessorTorchvision.register_for_auto_class("AutoImageProcessor")
     MLMambaProcessor.register_for_auto_class()
 
 

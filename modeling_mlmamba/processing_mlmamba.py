@@ -82,6 +82,8 @@ TEXT_KWARGS = (
 IMAGE_KWARGS = tuple(
     name for name in MLMambaImagesKwargs.__annotations__ if name not in (*TEXT_KWARGS, "image_seq_length")
 )
+# The image processor's two backends (PIL, torchvision).
+IMAGE_PROCESSOR_CLASS_NAMES = ("MLMambaImageProcessor", "MLMambaImageProcessorTorchvision")
 # What earlier versions of this package saved in processor_config.json: one image processor per tower.
 TOWER_PROCESSOR_KEYS = ("dino_image_processor", "siglip_image_processor")
 
@@ -103,8 +105,9 @@ class MLMambaProcessor(ProcessorMixin):
         tokenizer: the language model's tokenizer; it must hold `image_token` as one token (see
             [`MLMambaProcessor.from_model_config`], which adds it). Its `padding_side` is set to `padding_side`,
             so that batches padded outside the processor (pipelines) are padded the same way.
-        image_processor ([`MLMambaImageProcessor`], *optional*): the shared resize and both towers'
-            normalisations; pixel_values are (images, 2, 3, H, W), DINOv2 first. Default: 384 px, as released.
+        image_processor ([`MLMambaImageProcessor`] or [`MLMambaImageProcessorTorchvision`], *optional*): the
+            shared resize and both towers' normalisations; pixel_values are (images, 2, 3, H, W), DINOv2 first.
+            Default: 384 px, as released.
         image_seq_length (`int`): LM positions one image occupies (729 when released: a 27x27 patch grid).
         padding_side (`str`): where padding goes in a batch. Left, so that a recurrent model's last position is
             every prompt's last real token and generation continues from it.
@@ -128,11 +131,11 @@ class MLMambaProcessor(ProcessorMixin):
         if tokenizer is None:
             raise ValueError("MLMambaProcessor needs the language model's tokenizer")
         image_processor = MLMambaImageProcessor() if image_processor is None else image_processor
-        # By name: a folder's own copy of the code (trust_remote_code) defines a class of the same name.
-        if not any(cls.__name__ == "MLMambaImageProcessor" for cls in type(image_processor).__mro__):
+        # By name: a folder's own copy of the code (trust_remote_code) defines classes of the same names.
+        if not any(cls.__name__ in IMAGE_PROCESSOR_CLASS_NAMES for cls in type(image_processor).__mro__):
             raise TypeError(
-                f"image_processor must be an MLMambaImageProcessor (both towers' pixels from one resize), got "
-                f"{type(image_processor).__name__}"
+                f"image_processor must be an MLMambaImageProcessor or MLMambaImageProcessorTorchvision (both towers' "
+                f"pixels from one resize), got {type(image_processor).__name__}"
             )
         if not isinstance(image_seq_length, int) or image_seq_length < 1:
             raise ValueError(f"image_seq_length must be a positive integer, got {image_seq_length!r}")

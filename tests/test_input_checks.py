@@ -172,6 +172,22 @@ BAD_FORWARD_INPUTS = {
         dict(**text_with_mask([[1, 1, 1], [1, 1, 0]]), use_cache=True),
         ValueError, r"attention_mask pads row\(s\) \[1\] on the right.*padding_side='left'",
     ),
+    # forward takes **kwargs (Trainer passes loss arguments only to such a forward): without a check these would be
+    # dropped, the model answering without the image or reading the padding as tokens.
+    "misspelt pixel_values": (
+        dict(input_ids=TEXT, pixel_value=PIXELS),
+        TypeError, r"MLMambaForConditionalGeneration.forward\(\) got unexpected keyword argument 'pixel_value' "
+                   r"\(did you mean 'pixel_values'\?\); it takes input_ids, pixel_values, attention_mask, .*labels",
+    ),
+    "misspelt attention_mask and an unknown name": (
+        dict(input_ids=TEXT, atention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]), colour="red"),
+        TypeError, r"unexpected keyword arguments 'atention_mask' \(did you mean 'attention_mask'\?\), 'colour'; ",
+    ),
+    # The state carries the position: position ids would only mean packed sequences, which the scan cannot split.
+    "position_ids": (
+        dict(input_ids=TEXT, position_ids=torch.arange(3).expand(2, 3)),
+        TypeError, r"unexpected keyword argument 'position_ids'; it takes input_ids",
+    ),
 }
 
 
@@ -199,6 +215,9 @@ def test_base_model_and_image_features_check_their_inputs_too():
         base(input_ids=torch.tensor([[3, VOCAB]]))
     with pytest.raises(TypeError, match="pixel_values must be a torch.Tensor, got numpy.ndarray"):
         base.get_image_features(PIXELS.numpy())
+    with pytest.raises(TypeError, match=r"MLMambaModel.forward\(\) got unexpected keyword argument 'labels'; it "
+                                        r"takes input_ids, .*, return_dict, output_attentions$"):
+        base(input_ids=TEXT, labels=TEXT)
 
 
 BAD_GENERATE_INPUTS = {
@@ -258,6 +277,10 @@ BAD_GENERATE_INPUTS = {
     "no prompt": (
         dict(),
         ValueError, r"generate\(\) got no prompt; pass input_ids",
+    ),
+    "misspelt pixel_values": (
+        dict(input_ids=TEXT, pixel_value=PIXELS),
+        ValueError, r"not used by the model: \['pixel_value'\]",
     ),
 }
 

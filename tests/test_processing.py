@@ -17,9 +17,20 @@ from transformers import (
     ProcessorMixin,
     SiglipImageProcessorPil,
 )
+from transformers.testing_utils import CaptureLogger
+from transformers.utils import is_torchvision_available
+from transformers.utils import logging as transformers_logging
 
-from modeling_mlmamba import MLMambaConfig, MLMambaImageProcessor, MLMambaProcessor
+from modeling_mlmamba import (
+    DEFAULT_MODEL,
+    MLMambaConfig,
+    MLMambaImageProcessor,
+    MLMambaImageProcessorTorchvision,
+    MLMambaProcessor,
+)
 
+# The image processor's backend that loading picks: torchvision's when it is installed, as transformers does.
+DEFAULT_BACKEND = MLMambaImageProcessorTorchvision if is_torchvision_available() else MLMambaImageProcessor
 IMAGENET_MEAN, IMAGENET_STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 
 
@@ -74,9 +85,11 @@ def chat(*turns, images_first_turn: int = 1):
 
 
 def settings(processor) -> dict:
-    """The processor's saved settings (as JSON), without the `auto_map` entries that saving adds."""
+    """The processor's saved settings (as JSON), without the `auto_map` entries that saving adds and without the
+    image processor's class name, which names the backend that loading chooses."""
+    unsaved = ("auto_map", "image_processor_type")
     return {
-        key: {k: v for k, v in value.items() if k != "auto_map"} if isinstance(value, dict) else value
+        key: {k: v for k, v in value.items() if k not in unsaved} if isinstance(value, dict) else value
         for key, value in json.loads(processor.to_json_string()).items()
         if key != "auto_map"
     }
@@ -103,6 +116,58 @@ def test_one_image_processor_gives_the_per_tower_processors_pixels_bit_for_bit()
     pixels = MLMambaImageProcessor(size={"height": 56, "width": 56})(images, return_tensors="np")["pixel_values"]
     assert pixels.shape == (3, 2, 3, 56, 56) and pixels.dtype == np.float32
     np.testing.assert_array_equal(pixels, per_tower_pixels(images, 56))
+
+
+needs_torchvision = pytest.mark.skipif(not is_torchvision_available(), reason="the torchvision backend needs it")
+
+
+@needs_torchvision
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"resample": Image.Resampling.BILINEAR}, {"do_rescale": False}, {"do_normalize": False}, {"size": 40}],
+)
+def test_torchvision_backend_gives_the_pil_backends_pixels_bit_for_bit(kwargs):
+    rng = np.random.default_rng(6)
+    images = [
+        random_image(70, 50, seed=1), random_image(33, 90, seed=2).convert("RGBA"), random_image(56, 56).convert("L"),
+        rng.integers(0, 256, (40, 30, 3), dtype=np.uint8), torch.rand(3, 20, 64),
+    ]
+    expected = MLMambaImageProcessor(size=56)(images, return_tensors="np", **kwargs)["pixel_values"]
+    torchvision_backend = MLMambaImageProcessorTorchvision(size=56)
+    assert torchvision_backend.backend == "torchvision"
+    actual = torchvision_backend(images, return_tensors="pt", **kwargs)["pixel_values"]
+    assert actual.dtype == torch.float32
+    np.testing.assert_array_equal(actual.numpy(), expected)
+    np.testing.assert_array_equal(torchvision_backend(images, return_tensors="np", **kwargs)["pixel_values"], expected)
+
+
+@needs_torchvision
+def test_torchvision_backend_takes_the_same_settings_and_refuses_the_same_arguments(tmp_path):
+    pil = MLMambaImageProcessor(size=56, siglip_image_mean=[0.4, 0.4, 0.4])
+    pil.save_pretrained(tmp_path)
+    loaded = AutoImageProcessor.from_pretrained(tmp_path, backend="torchvision")
+    assert type(loaded) is MLMambaImageProcessorTorchvision
+    saved_settings = [{**json.loads(each.to_json_string()), "image_processor_type": None} for each in (pil, loaded)]
+    assert saved_settings[0] == saved_settings[1]
+    assert type(AutoImageProcessor.from_pretrained(tmp_path, backend="pil")) is MLMambaImageProcessor
+    with pytest.raises(ValueError, match="set dino_image_mean and siglip_image_mean"):
+        loaded(random_image(), image_mean=[0.5, 0.5, 0.5])
+    processor = MLMambaProcessor(tiny_tokenizer(), loaded, image_seq_length=16)
+    pixels = processor(images=random_image(), text="<image>", return_tensors="pt")["pixel_values"]
+    reference = MLMambaProcessor(tiny_tokenizer(), pil, image_seq_length=16)
+    assert torch.equal(pixels, reference(images=random_image(), text="<image>", return_tensors="pt")["pixel_values"])
+
+
+def test_loading_the_processor_logs_nothing(tmp_path):
+    """transformers picks the torchvision backend when torchvision is installed; a processor registered with the PIL
+    backend alone made every load log that the torchvision one is missing and that it falls back to PIL."""
+    tiny_processor().save_pretrained(tmp_path)
+    transformers_logging.warning_once.cache_clear()
+    with CaptureLogger(transformers_logging.get_logger()) as captured:
+        for folder in (DEFAULT_MODEL, tmp_path):
+            AutoProcessor.from_pretrained(folder)
+            AutoImageProcessor.from_pretrained(folder)
+    assert captured.out == ""
 
 
 def test_processor_exposes_its_image_processor_and_takes_the_standard_image_arguments(processor):
@@ -183,12 +248,13 @@ def test_save_and_load_keep_every_setting(tmp_path):
     processor.save_pretrained(tmp_path)
     loaded = AutoProcessor.from_pretrained(tmp_path)
     assert isinstance(loaded, MLMambaProcessor)
+    assert type(loaded.image_processor) is DEFAULT_BACKEND
     assert settings(loaded) == settings(processor)
     assert (loaded.image_seq_length, loaded.padding_side, loaded.image_size) == (16, "right", 56)
     assert loaded.chat_template == template
     assert loaded.tokenizer.get_vocab() == tokenizer.get_vocab()
     assert list(loaded.image_processor.dino_image_mean) == list(IMAGENET_MEAN)
-    assert isinstance(AutoImageProcessor.from_pretrained(tmp_path), MLMambaImageProcessor)
+    assert type(AutoImageProcessor.from_pretrained(tmp_path)) is DEFAULT_BACKEND
     prompts = ["<image><|user|>\nwhat color is the circle?", "yes"]
     images = [random_image()]
     expected = processor(images=images, text=prompts, padding=True, return_tensors="pt")

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import image_prompt, random_pixels, tiny_model
+from conftest import image_prompt, random_pixels, tiny_model, tiny_tokenizer
 from transformers import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -83,6 +83,40 @@ def test_forward_returns_tuples_with_return_dict_false(model):
     for value, reference in zip(as_tuple, as_dict.to_tuple()):
         assert isinstance(value, DynamicCache) if isinstance(reference, DynamicCache) else torch.equal(value, reference)
     assert torch.equal(base[0], model.model(input_ids=ids, pixel_values=pixels).last_hidden_state)
+
+
+def test_forward_passes_trainers_loss_arguments_on_to_the_loss(model):
+    """Trainer divides by the tokens of all accumulated batches (`num_items_in_batch`), and sequence-parallel
+    training hands over targets already shifted (`shift_labels`); both reach transformers' causal-LM loss."""
+    ids = torch.tensor([[3, 4, 5, 6, 7], [8, 9, 10, 11, 12]])
+    labels = ids.clone()
+    labels[0, :2] = -100
+    with torch.no_grad():
+        mean = model(input_ids=ids, labels=labels).loss
+        over_accumulation = model(input_ids=ids, labels=labels, num_items_in_batch=21).loss
+        shifted = torch.cat([labels[:, 1:], torch.full((2, 1), -100)], dim=1)
+        from_shifted = model(input_ids=ids, labels=torch.zeros_like(ids), shift_labels=shifted).loss
+    targets = 4 + 3  # tokens with a next-token target in each row
+    torch.testing.assert_close(over_accumulation, mean * targets / 21)
+    torch.testing.assert_close(from_shifted, mean)
+
+
+def test_forward_takes_what_generate_and_peft_pass(model):
+    """generate() adds return_dict, output_attentions when asked, and the tokenizer it was given (for stop strings,
+    as `transformers serve` passes it); peft passes return_dict and output_attentions as None. The language model has no attention, so there are none
+    to return."""
+    ids, pixels = prompt(model.config)
+    with torch.no_grad():
+        expected = model(input_ids=ids, pixel_values=pixels).logits
+        tokenizer = tiny_tokenizer()
+        assert torch.equal(model(input_ids=ids, pixel_values=pixels, tokenizer=tokenizer).logits, expected)
+        generated = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=3, do_sample=False)
+        assert torch.equal(model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=3, do_sample=False,
+                                          tokenizer=tokenizer), generated)
+        for extra in (dict(return_dict=True, output_attentions=True), dict(return_dict=None, output_attentions=None)):
+            assert torch.equal(model(input_ids=ids, pixel_values=pixels, **extra).logits, expected)
+            assert torch.equal(model.model(input_ids=ids, pixel_values=pixels, **extra).last_hidden_state,
+                               model.model(input_ids=ids, pixel_values=pixels).last_hidden_state)
 
 
 def test_hidden_states_are_the_residual_stream_after_each_layer_then_the_final_norm(model):

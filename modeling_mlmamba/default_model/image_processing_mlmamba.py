@@ -3,7 +3,8 @@
 ML-Mamba's towers see the same picture: the released "resize-naive" transform resizes it to a square (bicubic, no
 crop), and only the normalisation differs (ImageNet mean/std for DINOv2, 0.5/0.5 for SigLIP). One image processor
 therefore does the shared work once and returns `pixel_values` of shape (images, 2, 3, H, W): index 0 for DINOv2,
-index 1 for SigLIP. It is what `AutoImageProcessor` and `processor.image_processor` give.
+index 1 for SigLIP. It comes in transformers' two backends, with the same pixels: `MLMambaImageProcessor` (PIL and
+numpy) and `MLMambaImageProcessorTorchvision` (torch), which `AutoImageProcessor` picks when torchvision is installed.
 
 How inputs become RGB (`to_rgb_image`):
 - paths (`str` or `pathlib.Path`), http(s) URLs, `data:` URLs and base64 strings are opened; a missing file, a
@@ -24,9 +25,15 @@ import torch
 from huggingface_hub import get_session, is_offline_mode
 from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.image_processing_backends import PilBackend
-from transformers.image_utils import PILImageResampling
+from transformers.image_processing_backends import PilBackend, TorchvisionBackend
+from transformers.image_utils import PILImageResampling, pil_torch_interpolation_mapping
 from transformers.processing_utils import ImagesKwargs
+from transformers.utils import TensorType
+
+try:
+    from torchvision.transforms.v2 import functional as tvF
+except ImportError:  # optional: MLMambaImageProcessor computes the same pixels without it
+    tvF = None
 
 DEFAULT_IMAGE_SIZE = 384
 DINO_MEAN, DINO_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -201,15 +208,9 @@ class MLMambaImagesKwargs(ImagesKwargs, total=False):
     siglip_image_std: float | list[float] | tuple[float, ...]
 
 
-class MLMambaImageProcessor(PilBackend):
-    r"""
-    The pixels of both towers from one resize: each image is resized to `size` (a square; bicubic, no crop),
-    rescaled to [0, 1], then normalised with `dino_image_mean`/`dino_image_std` and with
-    `siglip_image_mean`/`siglip_image_std`. `pixel_values` is (images, 2, 3, H, W), DINOv2 first.
-
-    The standard `image_mean`/`image_std` are refused (two towers, two normalisations), and so are cropping and
-    padding, which the released model never saw. Inputs: see `to_rgb_image`.
-    """
+class MLMambaImageProcessingMixin:
+    """What both backends share: the settings (one resize, two normalisations), their checks, and how inputs become
+    RGB images. The backends differ only in what they compute the pixels with."""
 
     valid_kwargs = MLMambaImagesKwargs
     model_input_names = ["pixel_values"]
@@ -229,7 +230,7 @@ class MLMambaImageProcessor(PilBackend):
         self._validate_preprocess_kwargs(**{name: getattr(self, name, None) for name in self._valid_kwargs_names})
 
     @classmethod
-    def from_tower_processors(cls, dino: dict, siglip: dict) -> "MLMambaImageProcessor":
+    def from_tower_processors(cls, dino: dict, siglip: dict):
         """The processor equivalent to the two per-tower image processors that earlier versions of this package
         saved (`dino_image_processor` and `siglip_image_processor` in `processor_config.json`)."""
         shared = ("size", "resample", "do_resize", "do_rescale", "rescale_factor", "do_normalize")
@@ -253,9 +254,9 @@ class MLMambaImageProcessor(PilBackend):
         """Paths and URLs are opened by `to_rgb_image` (transparency onto white, bit depths by mode)."""
         return image_url_or_urls
 
-    def _prepare_image_like_inputs(self, images, *args, expected_ndims: int = 3, **kwargs) -> list[np.ndarray]:
-        return [np.moveaxis(np.asarray(checked_rgb(image, index)), -1, 0) for index, image in
-                enumerate(flat_images(images))]
+    @staticmethod
+    def _rgb_images(images) -> list[Image.Image]:
+        return [checked_rgb(image, index) for index, image in enumerate(flat_images(images))]
 
     def _validate_preprocess_kwargs(self, **kwargs):
         size = dict(kwargs.get("size") or {})
@@ -283,6 +284,21 @@ class MLMambaImageProcessor(PilBackend):
             if missing:
                 raise ValueError(f"do_normalize=True needs {missing}")
 
+
+class MLMambaImageProcessor(MLMambaImageProcessingMixin, PilBackend):
+    r"""
+    The pixels of both towers from one resize: each image is resized to `size` (a square; bicubic, no crop),
+    rescaled to [0, 1], then normalised with `dino_image_mean`/`dino_image_std` and with
+    `siglip_image_mean`/`siglip_image_std`. `pixel_values` is (images, 2, 3, H, W), DINOv2 first.
+
+    The standard `image_mean`/`image_std` are refused (two towers, two normalisations), and so are cropping and
+    padding, which the released model never saw. Inputs: see `to_rgb_image`. This is the PIL/numpy backend;
+    `MLMambaImageProcessorTorchvision` computes the same pixels with torch.
+    """
+
+    def _prepare_image_like_inputs(self, images, *args, expected_ndims: int = 3, **kwargs) -> list[np.ndarray]:
+        return [np.moveaxis(np.asarray(image), -1, 0) for image in self._rgb_images(images)]
+
     def _preprocess(self, images: list[np.ndarray], do_resize: bool, size, resample, do_rescale: bool,
                     rescale_factor: float, do_normalize: bool, dino_image_mean, dino_image_std, siglip_image_mean,
                     siglip_image_std, return_tensors=None, **kwargs) -> BatchFeature:
@@ -298,4 +314,47 @@ class MLMambaImageProcessor(PilBackend):
         return BatchFeature(data={"pixel_values": processed}, tensor_type=return_tensors)
 
 
-__all__ = ["MLMambaImageProcessor", "open_image", "to_rgb_image"]
+class MLMambaImageProcessorTorchvision(MLMambaImageProcessingMixin, TorchvisionBackend):
+    r"""
+    `MLMambaImageProcessor`'s pixels, bit for bit, computed with torchvision and torch (on `device` when given):
+    the backend that `AutoImageProcessor` picks when torchvision is installed.
+
+    The resize is torchvision's resize of the PIL image, which is PIL's own: the transform the released model was
+    trained with. Resizing a tensor instead (torchvision's tensor bicubic) would move about 1% of the pixels by one
+    or two levels of 255. Rescaling rounds as the PIL backend does (in float64, then to float32).
+    """
+
+    def __init__(self, **kwargs):
+        if tvF is None:
+            raise ImportError(
+                "MLMambaImageProcessorTorchvision needs torchvision (pip install torchvision); MLMambaImageProcessor "
+                "gives the same pixels with PIL alone"
+            )
+        super().__init__(**kwargs)
+
+    def _prepare_image_like_inputs(self, images, *args, expected_ndims: int = 3, **kwargs) -> list[Image.Image]:
+        return self._rgb_images(images)
+
+    def _preprocess(self, images: list[Image.Image], do_resize: bool, size, resample, do_rescale: bool,
+                    rescale_factor: float, do_normalize: bool, dino_image_mean, dino_image_std, siglip_image_mean,
+                    siglip_image_std, return_tensors=None, device=None, **kwargs) -> BatchFeature:
+        towers = ((dino_image_mean, dino_image_std), (siglip_image_mean, siglip_image_std))
+        interpolation = pil_torch_interpolation_mapping.get(resample, resample)
+        processed = []
+        for image in images:
+            if do_resize:
+                image = tvF.resize(image, [size["height"], size["width"]], interpolation=interpolation)
+            pixels = tvF.pil_to_tensor(image).to(device)
+            pixels = (pixels.double() * rescale_factor).float() if do_rescale else pixels.float()
+            if do_normalize:
+                pair = [tvF.normalize(pixels, list(mean), list(std)) for mean, std in towers]
+            else:
+                pair = [pixels, pixels]
+            processed.append(torch.stack(pair))
+        if return_tensors is not None and TensorType(return_tensors) == TensorType.NUMPY:
+            # transformers 5.17's BatchFeature cannot turn a list of tensors into numpy arrays.
+            processed = [pixels.cpu().numpy() for pixels in processed]
+        return BatchFeature(data={"pixel_values": processed}, tensor_type=return_tensors)
+
+
+__all__ = ["MLMambaImageProcessor", "MLMambaImageProcessorTorchvision", "open_image", "to_rgb_image"]

@@ -7,6 +7,8 @@ fetches all of them in one transfer, so checking a prompt or a training batch co
 more), and generate()'s one-token decode steps, which skip these checks, cost none.
 """
 
+import difflib
+import inspect
 from dataclasses import dataclass, fields
 
 import torch
@@ -21,6 +23,23 @@ def require_tensor(name: str, value, fix: str) -> None:
         kind = type(value)
         kind = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
         raise TypeError(f"{name} must be a torch.Tensor, got {kind}; {fix}")
+
+
+def check_keyword_arguments(function, kwargs: dict, accepted: tuple[str, ...]) -> None:
+    """Refuse the keyword arguments a `**kwargs` catch-all received beyond the `accepted` names, as Python refuses
+    them for a function without one. The model's `forward` keeps `**kwargs` (transformers' Trainer passes loss
+    arguments only to a forward that has it), and without this check a misspelt `pixel_value=...` would be dropped
+    and the model would answer without the image."""
+    unexpected = [key for key in kwargs if key not in accepted]
+    if not unexpected:
+        return
+    takes = [key for key in inspect.signature(function).parameters if key not in ("self", "kwargs")]
+    takes += [key for key in accepted if key not in takes]
+    guesses = [f"{key!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(key, takes, n=1))
+               else repr(key) for key in unexpected]
+    plural = "s" if len(unexpected) > 1 else ""
+    raise TypeError(f"{function.__qualname__}() got unexpected keyword argument{plural} {', '.join(guesses)}; it takes "
+                    f"{', '.join(takes)}")
 
 
 def check_token_inputs(input_ids, inputs_embeds, hidden_size: int) -> tuple[int, int]:

@@ -23,8 +23,8 @@ from .connector import MLMambaConnector, ScanDirection
 from .cuda_graphs import GenerationGraphs
 from .gemv import decode_linear
 from .input_checks import (
-    InputValues, check_attention_mask, check_image_placeholders, check_label_values, check_labels,
-    check_logits_to_keep, check_padding, check_pixel_values, check_token_ids, check_token_inputs,
+    InputValues, check_attention_mask, check_image_placeholders, check_keyword_arguments, check_label_values,
+    check_labels, check_logits_to_keep, check_padding, check_pixel_values, check_token_ids, check_token_inputs,
 )
 from .mamba2 import CausalMamba2Mixer, GatedRMSNorm, Mamba2LanguageModel, RMSNorm
 from .saving import check_save_directory, save_aside
@@ -33,6 +33,17 @@ from .saving import check_save_directory, save_aside
 # language model's own output class tells us which name this installation uses.
 CACHE_NAME = "cache" if "cache" in Mamba2CausalLMOutput.__dataclass_fields__ else "cache_params"
 CACHE_ALIASES = ("cache", "cache_params", "past_key_values")
+# What transformers passes to a forward beyond its named parameters (generate(), Trainer, peft, its model tests);
+# any other keyword is an error. `return_dict` is taken by @can_return_tuple; `output_attentions` asks for nothing
+# here (the language model has no attention; the towers' attentions come from get_image_features).
+MODEL_KEYWORDS = ("return_dict", "output_attentions")
+# Passed on to the loss: Trainer's token count across accumulated batches, and targets already shifted (sequence or
+# context parallel training shifts before sharding).
+LOSS_KEYWORDS = ("num_items_in_batch", "shift_labels")
+# generate(tokenizer=...) (stop strings, token healing; `transformers serve` passes it) hands its tokenizers on to
+# every forward call with the inputs.
+GENERATE_KEYWORDS = ("tokenizer", "assistant_tokenizer")
+HEAD_KEYWORDS = MODEL_KEYWORDS + LOSS_KEYWORDS + GENERATE_KEYWORDS
 
 
 def pick_cache(**caches):
@@ -340,7 +351,9 @@ class MLMambaModel(MLMambaPreTrainedModel):
         cache / cache_params / past_key_values (`Cache`, *optional*):
             The recurrent state of the language model, under any of transformers' names for it. It holds the state
             after the tokens it has seen: continuing it, pass only the tokens it has not seen.
+        return_dict, output_attentions (*optional*): as transformers passes them; any other keyword is a TypeError.
         """
+        check_keyword_arguments(MLMambaModel.forward, kwargs, MODEL_KEYWORDS)
         cache = pick_cache(cache=cache, cache_params=cache_params, past_key_values=past_key_values)
         right_padded = self.check_inputs(input_ids, inputs_embeds, pixel_values, attention_mask, cache, use_cache)
         if inputs_embeds is None:
@@ -466,7 +479,11 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
             Compute logits for only the last `logits_to_keep` positions (0: all); `generate()` sets 1.
         cache / cache_params / past_key_values (`Cache`, *optional*):
             The recurrent state of the language model, under any of transformers' names for it (see `MLMambaModel`).
+        num_items_in_batch, shift_labels (*optional*): passed on to the loss, as transformers' Trainer passes them.
+        tokenizer, assistant_tokenizer (*optional*): what generate() passes on with its inputs; not read here.
+        return_dict, output_attentions (*optional*): as for `MLMambaModel`; any other keyword is a TypeError.
         """
+        check_keyword_arguments(MLMambaForConditionalGeneration.forward, kwargs, HEAD_KEYWORDS)
         cache = pick_cache(cache=cache, cache_params=cache_params, past_key_values=past_key_values)
         logits = self.cuda_graphs.replay(
             self, cache, input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
@@ -498,7 +515,7 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
             if input_ids is not None:
                 labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
-                                      **kwargs)
+                                      **{name: kwargs[name] for name in LOSS_KEYWORDS if name in kwargs})
 
         return MLMambaCausalLMOutput(
             loss=loss,
