@@ -42,6 +42,17 @@ def check_keyword_arguments(function, kwargs: dict, accepted: tuple[str, ...]) -
                     f"{', '.join(takes)}")
 
 
+def check_no_attentions(output_attentions) -> None:
+    """The language model is Mamba-2, without attention: `generate(output_attentions=True)` (or a generation config
+    asking for them) would find no attentions where transformers collects the LM's at every step."""
+    if output_attentions:
+        raise ValueError(
+            f"output_attentions={output_attentions!r}: ML-Mamba's language model (Mamba-2) has no attention to "
+            "return; drop it (and leave generation_config.output_attentions False), or for the vision towers' "
+            "attentions call model.model.get_image_features(pixel_values, output_attentions=True)"
+        )
+
+
 def check_token_inputs(input_ids, inputs_embeds, hidden_size: int) -> tuple[int, int]:
     """(batch, length) of the prompts, given as `input_ids` (batch, length) or `inputs_embeds` (batch, length,
     hidden_size), exactly one of them."""

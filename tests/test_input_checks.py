@@ -282,6 +282,10 @@ BAD_GENERATE_INPUTS = {
         dict(input_ids=TEXT, pixel_value=PIXELS),
         ValueError, r"not used by the model: \['pixel_value'\]",
     ),
+    "attentions asked of generate": (
+        dict(input_ids=TEXT, output_attentions=True, return_dict_in_generate=True),
+        ValueError, r"output_attentions=True: ML-Mamba's language model \(Mamba-2\) has no attention",
+    ),
 }
 
 

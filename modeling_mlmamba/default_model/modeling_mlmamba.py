@@ -24,7 +24,8 @@ from .cuda_graphs import GenerationGraphs
 from .gemv import decode_linear
 from .input_checks import (
     InputValues, check_attention_mask, check_image_placeholders, check_keyword_arguments, check_label_values,
-    check_labels, check_logits_to_keep, check_padding, check_pixel_values, check_token_ids, check_token_inputs,
+    check_labels, check_logits_to_keep, check_no_attentions, check_padding, check_pixel_values, check_token_ids,
+    check_token_inputs,
 )
 from .mamba2 import CausalMamba2Mixer, GatedRMSNorm, Mamba2LanguageModel, RMSNorm
 from .saving import check_save_directory, save_aside
@@ -532,8 +533,11 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
 
         The cache holds the state after the tokens it has seen, not the tokens, and `generate` feeds `input_ids`
         to it whole: to continue a conversation, pass only the tokens it has not seen. After a `generate` call that
-        is its last generated token (sampled but never fed back) followed by the new turn.
+        is its last generated token (sampled but never fed back) followed by the new turn. `output_attentions=True`
+        is refused: the language model has no attention whose weights `generate` could return per step.
         """
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        check_no_attentions(kwargs.get("output_attentions", generation_config.output_attentions))
         cache = pick_cache(**{name: kwargs.pop(name, None) for name in CACHE_ALIASES})
         if cache is not None:
             kwargs[CACHE_NAME] = cache
