@@ -155,6 +155,22 @@ def test_unknown_key_from_another_transformers_version_is_kept_with_a_warning(tm
         MLMambaConfig.from_pretrained(tmp_path)
 
 
+def test_an_attribute_set_on_a_built_config_is_refused_at_save_before_anything_is_written(tmp_path):
+    """transformers writes every attribute of a config to config.json, and loading refuses what is no field: a save
+    that succeeded would leave a folder that cannot load. A key kept from another transformers version's config
+    cannot be written under this version either."""
+    model = tiny_model()
+    model.config.layer_norm_eps = 1.0
+    for save, folder in ((model.save_pretrained, tmp_path / "model"), (model.config.save_pretrained, tmp_path / "c")):
+        with pytest.raises(ValueError, match=r"config attribute\(s\) layer_norm_eps=1.0 are no MLMambaConfig fields.*"
+                                             r"del config.layer_norm_eps"):
+            save(folder)
+        assert not folder.exists()
+    del model.config.layer_norm_eps
+    model.save_pretrained(tmp_path / "model")
+    assert not hasattr(MLMambaForConditionalGeneration.from_pretrained(tmp_path / "model").config, "layer_norm_eps")
+
+
 @pytest.mark.parametrize("layer", [-4, 0, 3])
 def test_every_hidden_state_of_both_towers_can_feed_the_connector(layer):
     """The range the config accepts is exactly what the towers return: embeddings (0) to the last block."""

@@ -215,6 +215,23 @@ class MLMambaConfig(PretrainedConfig):
         self._check_towers()
         self._check_language_model()
 
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """transformers' own, after refusing attributes that are no field: set on a built config (`config.x = 1`),
+        they would be written to config.json, which would then refuse to load."""
+        field_names = {field.name for field in fields(self)}
+        extra = sorted(
+            key for key in vars(self)
+            if not key.startswith("_") and key not in field_names and key not in _keys_transformers_keeps()
+        )
+        if extra:
+            listed = ", ".join(f"{key}={getattr(self, key)!r}" for key in extra)
+            raise ValueError(
+                f"config attribute(s) {listed} are no MLMambaConfig fields: saved, the config.json would not load "
+                f"back; delete them before saving (del config.{extra[0]}); the fields are listed in the MLMambaConfig "
+                "docstring"
+            )
+        return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+
     def _check_keywords(self, keywords: dict) -> None:
         """transformers stores every keyword it does not know as a plain attribute, so a misspelt field
         (`conector_type="mlp"`) would leave the real one at its default without a word: raise instead.
