@@ -191,6 +191,10 @@ class MLMambaProjector(nn.Module):
         return self.layers(hidden_states)
 
 
+# The image path: everything between the pixels and the language model.
+IMAGE_PATH_MODULES = ("vision_tower", "connector", "projector")
+
+
 class MLMambaPreTrainedModel(PreTrainedModel):
     config_class = MLMambaConfig
     config: MLMambaConfig
@@ -202,12 +206,10 @@ class MLMambaPreTrainedModel(PreTrainedModel):
     ]
     # Never quantized, by any of transformers' quantizers (each skips `_keep_in_fp32_modules`), and kept in float32
     # when the rest loads in float16: the whole image path, run once per image and a quarter of the weights at full
-    # size (0.90 B of 3.60 B), while batch-1 decoding reads only the LM. Paths from the root of either class
-    # (bitsandbytes matches them from the start). The LM head, tied to the embeddings, is left out by the quantizers'
-    # own default.
-    _keep_in_fp32_modules = [
-        f"{prefix}{name}" for prefix in ("", "model.") for name in ("vision_tower", "connector", "projector")
-    ]
+    # size (0.90 B of 3.60 B), while batch-1 decoding reads only the LM. Paths from the root of each class
+    # (bitsandbytes matches them from the start; the head class adds its prefix). The LM head, tied to the
+    # embeddings, is left out by the quantizers' own default.
+    _keep_in_fp32_modules = list(IMAGE_PATH_MODULES)
     # Attention lives in the vision towers only, and both tower classes support every backend; v5 hands the
     # requested `attn_implementation` to each sub-config (or a dict gives one per sub-config name).
     _supports_sdpa = True
@@ -425,6 +427,7 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
     """ML-Mamba with its language-modelling head: `forward` for training and scoring, `generate` for answers."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embeddings.weight"}
+    _keep_in_fp32_modules = [f"model.{name}" for name in IMAGE_PATH_MODULES]
     # Devices on which generate() replays captured prefill and decode graphs (`cuda_graphs.py` decides when).
     cuda_graph_devices = ("cuda",)
 

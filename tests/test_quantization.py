@@ -22,7 +22,6 @@ from modeling_mlmamba import (
     DEFAULT_MODEL,
     MLMambaForConditionalGeneration,
     MLMambaModel,
-    MLMambaPreTrainedModel,
     MLMambaProcessor,
     cuda_graphs,
     gemv,
@@ -128,7 +127,7 @@ def test_quantized_model_saves_and_reloads_without_its_config(saved_model, quant
 def test_quantized_image_path_keeps_the_activation_dtype(saved_model, monkeypatch):
     """With every linear layer in int8 (towers, connector and projector too), the image features still flow in the
     activations' bf16: no dtype is taken from a weight, whose int8 storage would reach GELU and the biases."""
-    monkeypatch.setattr(MLMambaPreTrainedModel, "_keep_in_fp32_modules", [])
+    monkeypatch.setattr(MLMambaForConditionalGeneration, "_keep_in_fp32_modules", [])
     model = load(saved_model, "bnb-int8")
     assert model.model.connector.input_proj.weight.dtype == torch.int8
     inputs = image_inputs(model.config)
