@@ -82,8 +82,6 @@ TEXT_KWARGS = (
 IMAGE_KWARGS = tuple(
     name for name in MLMambaImagesKwargs.__annotations__ if name not in (*TEXT_KWARGS, "image_seq_length")
 )
-# The image processor's two backends (PIL, torchvision).
-IMAGE_PROCESSOR_CLASS_NAMES = ("MLMambaImageProcessor", "MLMambaImageProcessorTorchvision")
 # What earlier versions of this package saved in processor_config.json: one image processor per tower.
 TOWER_PROCESSOR_KEYS = ("dino_image_processor", "siglip_image_processor")
 
@@ -131,8 +129,9 @@ class MLMambaProcessor(ProcessorMixin):
         if tokenizer is None:
             raise ValueError("MLMambaProcessor needs the language model's tokenizer")
         image_processor = MLMambaImageProcessor() if image_processor is None else image_processor
-        # By name: a folder's own copy of the code (trust_remote_code) defines classes of the same names.
-        if not any(cls.__name__ in IMAGE_PROCESSOR_CLASS_NAMES for cls in type(image_processor).__mro__):
+        # Both backends share the mixin; by name, since a folder's own copy of the code (trust_remote_code) defines
+        # classes of the same names.
+        if not any(cls.__name__ == "MLMambaImageProcessingMixin" for cls in type(image_processor).__mro__):
             raise TypeError(
                 f"image_processor must be an MLMambaImageProcessor or MLMambaImageProcessorTorchvision (both towers' "
                 f"pixels from one resize), got {type(image_processor).__name__}"
