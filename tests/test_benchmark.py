@@ -48,3 +48,16 @@ def test_full_size_run_needs_a_gpu(monkeypatch):
     monkeypatch.setattr(benchmark.torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         benchmark.main(["--json", "unused.json"])
+
+
+def test_host_overhead_measures_the_graph_seams_host_work_and_restores_the_decode_step(tmp_path):
+    from modeling_mlmamba import cuda_graphs
+
+    step = cuda_graphs.DecodeGraph.step
+    host_overhead = load_example("host_overhead", "benchmarks")
+    results = host_overhead.main(["--repeats", "1", "--json", str(tmp_path / "host.json")])
+    assert cuda_graphs.DecodeGraph.step is step
+    assert results["modules"] > 1000  # the full-size module tree
+    assert all(results[name] > 0 for name in
+               ("prefill_forward_host_ms", "generate_1_token_host_ms", "decode_host_ms_per_token"))
+    assert json.loads((tmp_path / "host.json").read_text()) == results
