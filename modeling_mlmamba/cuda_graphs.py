@@ -84,15 +84,22 @@ def weights_state(model: torch.nn.Module) -> tuple[tuple, bool]:
     bnb_layers = kinds[0]
     fingerprint, capturable, modules = [], True, [model]
     for module in modules:  # grows as children are found: breadth first
+        if module is None:  # a child slot registered as None
+            continue
+        attributes = module.__dict__  # where nn.Module keeps its dicts, and accelerate its `_hf_hook`
         fingerprint.append(id(module))
-        modules.extend(child for child in module._modules.values() if child is not None)
+        children = attributes["_modules"]
+        if children:
+            modules.extend(children.values())
         dense = True
-        for weight in module._parameters.values():
+        for weight in attributes["_parameters"].values():
             if weight is not None:
                 fingerprint.append((weight.data_ptr(), weight.dtype, weight.device))
                 dense = dense and type(weight) in DENSE_TYPES and weight.is_floating_point()
-        fingerprint.extend((t.data_ptr(), t.dtype, t.device) for t in module._buffers.values() if t is not None)
-        hooked = "_hf_hook" in module.__dict__  # accelerate sets it as an instance attribute
+        for buffer in attributes["_buffers"].values():
+            if buffer is not None:
+                fingerprint.append((buffer.data_ptr(), buffer.dtype, buffer.device))
+        hooked = "_hf_hook" in attributes
         if capturable and (not dense or hooked or (bnb_layers is not None and isinstance(module, bnb_layers))):
             capturable = not hooked and layer_capturable(module, kinds)
     return tuple(fingerprint), capturable
