@@ -358,7 +358,9 @@ class MLMambaModel(MLMambaPreTrainedModel):
         """
         check_keyword_arguments(MLMambaModel.forward, kwargs, MODEL_KEYWORDS)
         cache = pick_cache(cache=cache, cache_params=cache_params, past_key_values=past_key_values)
-        right_padded = self.check_inputs(input_ids, inputs_embeds, pixel_values, attention_mask, cache, use_cache)
+        padding = self.check_inputs(input_ids, inputs_embeds, pixel_values, attention_mask, cache, use_cache)
+        if padding == "none":
+            attention_mask = None  # all ones: the checks read it already, so the LM need not look again
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
@@ -372,7 +374,7 @@ class MLMambaModel(MLMambaPreTrainedModel):
 
         # A right-padded batch (fine for scoring) builds no cache unless asked: its final state ran over the padding.
         use_cache = use_cache if use_cache is not None else (
-            self.config.text_config.use_cache and not self.training and not right_padded
+            self.config.text_config.use_cache and not self.training and padding != "right"
         )
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
@@ -393,8 +395,9 @@ class MLMambaModel(MLMambaPreTrainedModel):
         )
 
     def check_inputs(self, input_ids=None, inputs_embeds=None, pixel_values=None, attention_mask=None, cache=None,
-                     use_cache=None) -> bool:
-        """Refuse bad inputs before any heavy work; returns whether a row is padded on the right.
+                     use_cache=None) -> str | None:
+        """Refuse bad inputs before any heavy work; returns where the attention mask pads (`check_padding`: "none"
+        also without a mask), or None when the values were not read.
 
         Types and shapes are read from tensor metadata; the values (token ids, padding, placeholders) with one host
         sync, which is skipped on a one-token step that continues a cache (generate()'s decode step: its token came
@@ -410,7 +413,7 @@ class MLMambaModel(MLMambaPreTrainedModel):
         tokens = input_ids if input_ids is not None else inputs_embeds
         capturing = tokens.is_cuda and torch.cuda.is_current_stream_capturing()
         if capturing or (continuing and length == 1 and pixel_values is None):
-            return False
+            return None
         values = InputValues.fetch(input_ids, self.image_placeholder_mask(input_ids, inputs_embeds), attention_mask)
         if values.id_range is not None:
             check_token_ids(values.id_range, self.get_input_embeddings().num_embeddings)
@@ -419,8 +422,9 @@ class MLMambaModel(MLMambaPreTrainedModel):
             self.config.image_seq_length, self.config.image_token_id, continuing,
         )
         if values.mask_rows is None:
-            return False
-        return check_padding(values.mask_rows, builds_cache=use_cache if use_cache is not None else cache is not None)
+            return "none"
+        return check_padding(values.mask_rows, attention_mask.shape[-1],
+                             builds_cache=use_cache if use_cache is not None else cache is not None)
 
 
 class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):

@@ -59,5 +59,6 @@ def test_host_overhead_measures_the_graph_seams_host_work_and_restores_the_decod
     assert cuda_graphs.DecodeGraph.step is step
     assert results["modules"] > 1000  # the full-size module tree
     assert all(results[name] > 0 for name in
-               ("prefill_forward_host_ms", "generate_1_token_host_ms", "decode_host_ms_per_token"))
+               ("prefill_forward_host_ms", "generate_1_token_host_ms", "generate_host_ms_before_prefill",
+                "decode_host_ms_per_token"))
     assert json.loads((tmp_path / "host.json").read_text()) == results

@@ -12,6 +12,7 @@ from modeling_mlmamba import mamba2, ssd
 from modeling_mlmamba import cuda_graphs
 from modeling_mlmamba.cuda_graphs import cache_states
 from modeling_mlmamba.lora import lora_config
+from modeling_mlmamba.quantization import graph_capturable
 
 
 @pytest.fixture
@@ -316,3 +317,83 @@ def test_graphs_after_a_weights_change_capture_into_a_fresh_memory_pool(graph_mo
     graph_model.to(torch.float64)
     generate(graph_model, ids, pixels, use_graphs=True, do_sample=False, eos_token_id=None)
     assert capture_attempts == [0, 0, 1, 1]  # decode, prefill; then both again, into a new pool
+
+
+def prefill_graph_masks(graphs) -> dict:
+    """Each captured prefill graph's mask input, by whether its key records a mask dtype."""
+    return {key[2]: call.inputs[1] for key, call in graphs.prefill_graphs.items()}
+
+
+def left_padded_batch(config):
+    """Two prompts of different lengths with one image each, the shorter padded on the left."""
+    long, short = image_prompt(config, [5, 6, 7, 8, 9]), image_prompt(config, [10, 11])
+    pad = len(long) - len(short)
+    ids = torch.tensor([long, [0] * pad + short])
+    mask = torch.tensor([[1] * len(long), [0] * pad + [1] * len(short)])
+    return ids, mask, random_pixels(2, config)
+
+
+def tokens_and_logits(model, ids, mask, pixels, use_graphs):
+    model.config.use_cuda_graphs = use_graphs
+    output = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=4,
+                            do_sample=False, eos_token_id=None, pad_token_id=0, return_dict_in_generate=True,
+                            output_logits=True)
+    return output.sequences[:, ids.shape[1]:], torch.stack(output.logits, dim=1)
+
+
+def test_unpadded_prompt_replays_a_prefill_graph_captured_without_the_mask(graph_model):
+    """A graph keeps whatever mask it was captured with (it is replayed with other masks), so an unpadded prompt
+    gets a graph of its own, captured with no mask and so without the mask's products in every layer."""
+    ids, pixels = prompts(graph_model.config, 2)
+    for _ in range(2):
+        generate(graph_model, ids, pixels, use_graphs=True, do_sample=False, eos_token_id=None)
+    assert prefill_graph_masks(graph_model.cuda_graphs) == {None: None}
+
+
+def test_padded_batch_after_an_unpadded_prompt_gets_a_masked_graph_and_the_prompts_own_answers(graph_model):
+    config = graph_model.config
+    ids, mask, pixels = left_padded_batch(config)
+    unpadded = ids[:1].expand(2, -1)
+    for _ in range(2):
+        tokens_and_logits(graph_model, unpadded, torch.ones_like(unpadded), pixels, use_graphs=True)
+    graphed = [tokens_and_logits(graph_model, ids, mask, pixels, use_graphs=True) for _ in range(2)]
+    masks = prefill_graph_masks(graph_model.cuda_graphs)
+    assert masks.keys() == {None, torch.long} and torch.equal(masks[torch.long], mask)
+
+    eager_tokens, eager_logits = tokens_and_logits(graph_model, ids, mask, pixels, use_graphs=False)
+    for tokens, logits in graphed:  # captured at the second sight: eager, then the replayed graph
+        assert torch.equal(tokens, eager_tokens) and torch.equal(logits, eager_logits)
+    for row in range(2):
+        alone = ids[row : row + 1, mask[row].bool()]
+        alone_tokens, alone_logits = tokens_and_logits(graph_model, alone, torch.ones_like(alone), pixels[row : row + 1],
+                                                       use_graphs=False)
+        assert torch.equal(eager_tokens[row], alone_tokens[0])
+        torch.testing.assert_close(eager_logits[row], alone_logits[0], rtol=1e-4, atol=1e-5)
+
+
+class OpaqueTensor(torch.Tensor):
+    """A tensor subclass: its storage need not be its values, so no captured kernel may read it."""
+
+
+def subclass_weight(model):
+    projection = model.model.language_model.layers[-1].mixer.out_proj
+    projection.weight = torch.nn.Parameter(projection.weight.detach().as_subclass(OpaqueTensor), requires_grad=False)
+
+
+def integer_weight(model):
+    norm = model.model.vision_tower.siglip.encoder.layers[0].layer_norm1
+    norm.weight = torch.nn.Parameter(norm.weight.detach().long(), requires_grad=False)
+
+
+def accelerate_hook(model):
+    model.model.connector.layers[0].mixer.directions[0].conv1d._hf_hook = object()
+
+
+@pytest.mark.parametrize("change", [None, subclass_weight, integer_weight, accelerate_hook])
+def test_the_weights_walk_declines_what_graph_capturable_or_a_hook_declines(graph_model, change):
+    """The walk asks `layer_capturable` only about modules that are not plainly capturable: it must decline exactly
+    when `graph_capturable` does or some module is run by accelerate's hooks, wherever in the tree that module is."""
+    if change is not None:
+        change(graph_model)
+    expected = graph_capturable(graph_model) and not any(hasattr(m, "_hf_hook") for m in graph_model.modules())
+    assert cuda_graphs.weights_state(graph_model)[1] is expected is (change is None)

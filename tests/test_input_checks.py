@@ -338,3 +338,27 @@ def test_a_captured_prefill_graph_checks_the_inputs_before_replaying(model, monk
     assert model.cuda_graphs.prefill_graphs
     with pytest.raises(ValueError, match=r"attention_mask has shape \(1, 3\) but the prompts need \(2, 3\)"):
         prefill(ones(1, 3))
+
+
+@pytest.mark.parametrize("rows, padding", [
+    ([[1, 1, 1], [1, 1, 1]], "none"), ([[0, 1, 1], [1, 1, 1]], "left"), ([[1, 1, 0], [1, 1, 1]], "right"),
+])
+def test_the_value_checks_say_where_the_mask_pads(model, rows, padding):
+    checks = model.model.check_inputs
+    assert checks(input_ids=TEXT, attention_mask=torch.tensor(rows), use_cache=False) == padding
+    assert checks(input_ids=TEXT) == "none"
+
+
+def test_the_language_model_gets_no_mask_of_ones(model, monkeypatch):
+    """The checks have read the mask's values already: a mask of ones is dropped there, so the language model
+    neither multiplies by it nor reads it again (a second host sync)."""
+    masks = []
+    language_model = model.model.language_model
+    forward = language_model.forward
+    monkeypatch.setattr(language_model, "forward",
+                        lambda *args, **kwargs: masks.append(kwargs["attention_mask"]) or forward(*args, **kwargs))
+    left_padded = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    with torch.no_grad():
+        for mask in (None, ones(2, 3), left_padded):
+            model(input_ids=TEXT, attention_mask=mask)
+    assert masks[0] is None and masks[1] is None and masks[2] is left_padded

@@ -35,6 +35,8 @@ MAX_DECODE_GRAPHS = 4
 # Device types whose calls are captured as CUDA graphs; elsewhere a "graph" runs its function eagerly on the same
 # static buffers, so everything around the capture is exercised there too.
 CAPTURE_DEVICE_TYPES = ("cuda",)
+# What `gemv.is_dense_weight` accepts as a plain weight (checked inline in the once-per-call weights walk).
+DENSE_TYPES = (torch.nn.Parameter, torch.Tensor)
 
 
 def cache_states(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -69,21 +71,37 @@ def weights_state(model: torch.nn.Module) -> tuple[tuple, bool]:
 
     The fingerprint changes when any module, weight or buffer is replaced, moved or cast (new module, new storage, new
     dtype), which stales a captured graph. Capturable means a graph may record the model: every layer's kernels can be
-    captured (`quantization.graph_capturable`) and no module is run by accelerate's hooks (a `device_map` over several
+    captured (`quantization.layer_capturable`) and no module is run by accelerate's hooks (a `device_map` over several
     devices, "cpu" or "disk" offloading, `cpu_offload` of any part), which bring weights to the device only around
-    that module's `forward`, where a replayed graph would not call them. The walk reads the modules' tensor dicts
-    directly: at full size (~1200 modules) `modules()` and `parameters()` cost milliseconds of host time, once per
-    `generate()` call, on top of its time to first token.
+    that module's `forward`, where a replayed graph would not call them.
+
+    It runs once per `generate()` call, before the prefill, so its host time is part of the time to first token: the
+    walk reads the modules' dicts directly (`modules()`, `parameters()` and `hasattr` on ~1200 modules cost
+    milliseconds), and asks `layer_capturable` only about the modules that are not plainly capturable (a weight that
+    is not a dense float tensor, a bitsandbytes layer, an accelerate hook).
     """
     kinds = capturable_kinds()
-    fingerprint, capturable, pending = [], True, [model]
-    while pending:
-        module = pending.pop()
-        capturable = capturable and layer_capturable(module, kinds) and not hasattr(module, "_hf_hook")
+    bnb_layers = kinds[0]
+    fingerprint, capturable, modules = [], True, [model]
+    for module in modules:  # grows as children are found: breadth first
+        if module is None:  # a child slot registered as None
+            continue
+        attributes = module.__dict__  # where nn.Module keeps its dicts, and accelerate its `_hf_hook`
         fingerprint.append(id(module))
-        for tensors in (module._parameters, module._buffers):
-            fingerprint.extend((t.data_ptr(), t.dtype, t.device) for t in tensors.values() if t is not None)
-        pending.extend(child for child in module._modules.values() if child is not None)
+        children = attributes["_modules"]
+        if children:
+            modules.extend(children.values())
+        dense = True
+        for weight in attributes["_parameters"].values():
+            if weight is not None:
+                fingerprint.append((weight.data_ptr(), weight.dtype, weight.device))
+                dense = dense and type(weight) in DENSE_TYPES and weight.is_floating_point()
+        for buffer in attributes["_buffers"].values():
+            if buffer is not None:
+                fingerprint.append((buffer.data_ptr(), buffer.dtype, buffer.device))
+        hooked = "_hf_hook" in attributes
+        if capturable and (not dense or hooked or (bnb_layers is not None and isinstance(module, bnb_layers))):
+            capturable = not hooked and layer_capturable(module, kinds)
     return tuple(fingerprint), capturable
 
 
@@ -172,13 +190,15 @@ class DecodeGraph:
         self.bound_cache = None
 
     def bind(self, cache) -> None:
-        """Make `cache` use this graph's buffers; a previously bound cache keeps a copy of its states."""
+        """Make `cache` use this graph's buffers; a previously bound cache keeps a copy of its states.
+
+        Once per `generate()` call, at its first decode step: each group of same-dtype copies is one `_foreach_copy_`
+        (a few kernel launches on CUDA instead of one per tensor, ~200 at full size)."""
         self.release()
-        for (conv_buffer, ssm_buffer), (conv, ssm) in zip(self.states, cache_states(cache)):
-            conv_buffer.copy_(conv)
-            ssm_buffer.copy_(ssm)
-        for buffer, rate in zip(self.rates, self.decay_rates()):
-            buffer.copy_(rate)
+        states = cache_states(cache)
+        for pick in (0, 1):  # the conv states, then the SSM states
+            torch._foreach_copy_([pair[pick] for pair in self.states], [pair[pick] for pair in states])
+        torch._foreach_copy_(self.rates, self.decay_rates())
         set_cache_states(cache, self.states)
         self.bound_cache = weakref.ref(cache)
 
@@ -282,13 +302,14 @@ class GenerationGraphs:
         the first time a prompt shape is seen, or when its capture failed (the caller then runs eagerly).
 
         The graph records `model(...)` itself with a fresh cache; the inputs are checked here, before any replay, since
-        the checks of their values (a host sync) are skipped inside a capture."""
-        model.model.check_inputs(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                                 cache=cache)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        the checks of their values (a host sync) are skipped inside a capture. Those checks also say whether the mask
+        pads at all: an unpadded prompt (generate() drops a mask of ones) replays a graph captured without a mask, so
+        it skips the mask's two full-width products per layer that a graph replayed with other masks must keep."""
+        padding = model.model.check_inputs(input_ids=input_ids, pixel_values=pixel_values,
+                                           attention_mask=attention_mask, cache=cache)
+        mask = None if padding == "none" else attention_mask
         pixels = None if pixel_values is None else (tuple(pixel_values.shape), pixel_values.dtype)
-        key = (tuple(input_ids.shape), input_ids.device, attention_mask.dtype, pixels)
+        key = (tuple(input_ids.shape), input_ids.device, None if mask is None else mask.dtype, pixels)
         if key not in self.prefill_graphs and key not in self.seen_prompts:
             self.seen_prompts[key] = None
             if len(self.seen_prompts) > 4 * MAX_PREFILL_GRAPHS:
@@ -303,7 +324,7 @@ class GenerationGraphs:
                 return logits, cache_states(graph_cache)
 
             call = self._build("prefill", key, input_ids.device, lambda pool: GraphedCall(
-                self._exclusive(prefill), [input_ids, attention_mask, pixel_values], pool
+                self._exclusive(prefill), [input_ids, mask, pixel_values], pool
             ))
             if call is None:
                 return None
@@ -311,7 +332,7 @@ class GenerationGraphs:
             if len(self.prefill_graphs) > MAX_PREFILL_GRAPHS:
                 self.prefill_graphs.popitem(last=False)
         self.prefill_graphs.move_to_end(key)
-        logits, states = call(input_ids, attention_mask, pixel_values)
+        logits, states = call(input_ids, mask, pixel_values)
         fill_cache(cache, states, model.config.text_config.conv_kernel)
         return logits.clone()
 

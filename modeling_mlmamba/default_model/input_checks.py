@@ -217,8 +217,10 @@ def check_token_ids(id_range: tuple[int, int], vocab_size: int) -> None:
         )
 
 
-def check_padding(mask_rows: list[MaskRow], builds_cache: bool) -> bool:
-    """Whether some row is padded on the right; raises for padding no path of the model computes exactly.
+def check_padding(mask_rows: list[MaskRow], columns: int, builds_cache: bool) -> str:
+    """Where the mask of `columns` positions pads: "right" (some row padded after its tokens), "left" (padding only
+    before the tokens) or "none" (every position is a token, so the mask's products can be skipped); raises for
+    padding no path of the model computes exactly.
 
     The mixers zero padded positions, which keeps the recurrent state exactly as without them only while no token
     came before: left padding. Padding after the tokens leaves every token's output exact (the scan is causal), so
@@ -253,7 +255,9 @@ def check_padding(mask_rows: list[MaskRow], builds_cache: bool) -> bool:
             f"and generation would continue from a pad; {PADDING_FIX}. (Training and scoring may pad on the right "
             "with use_cache=False.)"
         )
-    return bool(right_padded)
+    if right_padded:
+        return "right"
+    return "none" if all(stats.tokens == columns for stats in mask_rows) else "left"
 
 
 def check_image_placeholders(
