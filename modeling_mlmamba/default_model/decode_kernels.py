@@ -1,21 +1,26 @@
-"""The language model's one-token decode step fused into three Triton kernels per layer, for CUDA.
+"""The language model's one-token decode step at batch 1 fused into three Triton kernels per layer, for CUDA.
 
 At batch 1 a decode step reads every weight once (5.4 GB at full size), so its bound is the memory bandwidth;
 the per-op step adds ~6 small kernels per layer (add + RMSNorm, conv update, state update, gated RMSNorm) whose
 launches and tails cost ~0.8 ms per token. Here each layer runs:
 
 1. `norm_in_proj_conv`: the in_proj GEMV normalises its input row as it loads it (RMSNorm of the residual stream,
-   whose sum of squares the previous kernel left in 16-column partial sums), and the programs that own conv
+   whose sum of squares the previous kernel left in 4-column partial sums), and the programs that own conv
    channels apply the depthwise conv update + SiLU to their outputs;
 2. `state_update`: dt softplus, the selective state update (float32 state, one read and one write per element),
    the D skip and the SiLU gate, leaving partial sums of squares for the gated norm;
 3. `gated_norm_out_proj`: the out_proj GEMV applies the gated RMSNorm as it loads its input, then adds the
    result to the residual stream and leaves the partial sums of squares for the next layer's norm.
 
-The unfused path's rounding points are kept (in_proj, conv, state update and out_proj outputs are rounded to the
-model dtype), so the two differ only in summation order. Above `FUSED_MAX_BATCH` rows the projections are GEMMs
-and the step is bound by the state traffic (2.6 MB of float32 state per layer and sequence, read and written);
-there the per-op step runs with `selective_state_update` below in place of mamba_ssm's kernel.
+The GEMVs read the weights at ~3.5 TB/s on an H200 (each program keeps the products of its whole tile and loads
+the next tile before multiplying the current one), plain bf16/fp16/fp32 weights or torchao's int8 / float8 ones with
+a scale per row (half the bytes). On Hopper each kernel is a programmatic dependent launch: it starts loading its
+weights while the previous kernel finishes. The unfused path's rounding points are kept (in_proj, conv, state update
+and out_proj outputs are rounded to the model dtype), so the two differ only in summation order.
+
+From two rows on the per-op step runs (its projections are GEMMs), with `selective_state_update` below in place of
+mamba_ssm's kernel: at large batches the step is bound by the state traffic (2.6 MB of float32 state per layer and
+sequence, read and written), which that kernel streams at ~3.8 TB/s.
 
 `decode_path` decides which step a call takes; `Mamba2LanguageModel.decode` is the only caller.
 """
@@ -23,129 +28,136 @@ there the per-op step runs with `selective_state_update` below in place of mamba
 import torch
 from torch import nn
 
+from .gemv import rowwise_quantized, weight_operands
+
 try:
     import triton
     import triton.language as tl
-    import triton.testing
 except ImportError:
     triton = None
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
 
-# Up to this many rows the fused step's GEMVs keep the whole batch in one tile (tensor cores from 2 rows on).
-FUSED_MAX_BATCH = 8
-# The residual stream's sum of squares is handed between kernels in partial sums of this many columns.
-NORM_PARTIAL_WIDTH = 16
+# The fused step is written for one row. From two rows on, the per-op step's GEMMs (cuBLAS) are faster on an H200
+# than GEMV tiles that hold several rows (2.8 against 3.2 ms per step at batch 2, 3.6 against 3.8 at batch 8).
+FUSED_MAX_BATCH = 1
+# GEMV tiles (outputs, inputs per step, warps) by bytes per weight: the fastest of those measured on an H200 at the
+# full LM's shapes (`benchmarks/decode_step_kernels.py`). bf16: in_proj 10576 x 2560 in 15.4 us (as fast as
+# cuBLAS), out_proj 2560 x 5120 in 9.5 us (cuBLAS 11.8); float8: 15.4 and 7.6 us. 4-byte weights take the 2-byte
+# tiles, int8 the float8 ones.
+IN_PROJ_TILES = {2: (32, 256, 4), 1: (8, 512, 4)}
+OUT_PROJ_TILES = {2: (4, 512, 8), 1: (4, 1024, 4)}
+# The residual stream's sum of squares is handed between kernels in partial sums of this many columns: the
+# narrowest GEMV tile's outputs, so that even the out_proj (2560 outputs at full size) can be split into 640 programs.
+NORM_PARTIAL_WIDTH = 4
 # Largest SSM state size whose (rows x state) tile the state-update kernel holds in registers.
 MAX_STATE_SIZE = 256
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _tile_configs(rows: int, tiles) -> list:
-    return [triton.Config({"BLOCK_B": rows, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for n, k, w, s in tiles]
+def dependent_launch(device: torch.device) -> bool:
+    """Whether the kernels on `device` are launched as programmatic dependents (Hopper and later): each may start
+    while the kernel before it finishes, loading its first weights, and waits (`gdc_wait`) before it reads anything
+    that kernel wrote. A decode step is a chain of ~200 short kernels, so each launch gap saved counts."""
+    return gdc_wait is not None and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def _tiles_for_batch(configs, named_args, **kwargs):
-    """Tiles that fit this batch: one row (a plain GEMV) or sixteen (tensor cores) for batch 1, sixteen above."""
-    return [c for c in configs if c.kwargs["BLOCK_B"] >= named_args["batch"]]
+def _launch_options(device: torch.device) -> dict:
+    pdl = dependent_launch(device)
+    return {"USE_PDL": pdl, "launch_pdl": pdl} if device.type == "cuda" else {"USE_PDL": False}
 
 
-def _interpreter_tile(configs, batch: int):
-    """In Triton's interpreter (CPU tensors) there is nothing to time: the widest fitting tile, the fewest programs
-    to interpret."""
-    return max(_tiles_for_batch(configs, {"batch": batch}), key=lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]))
-
-
-def _launch_gemv(kernel, out_features: int, batch: int, on_gpu: bool, *args, **constexprs):
-    """One of the GEMV kernels over `out_features` outputs: autotuned on the GPU, one fixed tile in the interpreter."""
-    if on_gpu:
-        kernel[lambda meta: (triton.cdiv(out_features, meta["BLOCK_N"]),)](*args, **constexprs)
-        return
-    tile = _interpreter_tile(kernel.configs, batch)
-    kernel.fn[(triton.cdiv(out_features, tile.kwargs["BLOCK_N"]),)](*args, **constexprs, **tile.kwargs)
-
-
-def _time_tile(kernel_call, quantiles):
-    """Triton's benchmark with a shorter budget: a decode GEMV runs for microseconds, so 20 ms of repeats per tile
-    are plenty, and the first decode step (which tunes each shape) stays short."""
-    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+def _launch_gemv(kernel, tiles: dict, tile, values: torch.Tensor, device: torch.device, *args, **constexprs):
+    """One of the GEMV kernels over the rows of `values`, with `tile` = (outputs, inputs per step, warps) when
+    given, else the one `tiles` holds for the weights' bytes per element."""
+    block_n, block_k, warps = tile or tiles[1 if values.element_size() == 1 else 2]
+    options = _launch_options(device) | ({"num_warps": warps} if device.type == "cuda" else {})
+    kernel[(triton.cdiv(values.shape[0], block_n),)](*args, **constexprs, **options, BLOCK_N=block_n,
+                                                      BLOCK_K=block_k)
 
 
 if triton is not None:
-    GEMV_CONFIGS = _tile_configs(1, [
-        (16, 512, 4, 3), (16, 1024, 8, 3), (32, 256, 4, 4), (32, 512, 8, 3), (64, 128, 4, 4), (64, 256, 8, 3),
-    ]) + _tile_configs(16, [
-        (16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3),
-    ])
 
     @triton.jit
-    def _rows_times_weight(x, weight, BLOCK_B: tl.constexpr, DOT_FP32: tl.constexpr):
-        """x (BLOCK_B, BLOCK_K) @ weight (BLOCK_N, BLOCK_K)^T, accumulated in float32."""
-        if BLOCK_B == 1:
-            product = tl.sum(weight.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
-        elif DOT_FP32:
-            product = tl.dot(x.to(tl.float32), tl.trans(weight.to(tl.float32)), input_precision="ieee")
-        else:
-            product = tl.dot(x, tl.trans(weight))
-        return product
+    def _wait_for_previous_kernel(USE_PDL: tl.constexpr):
+        """Under programmatic dependent launch: wait until the previous kernel's writes are visible, then let the
+        next kernel start. A kernel may read only weights before this: no kernel of the step writes them, and a
+        dependent launch starts only after the kernel two launches back completed, while the step's first GEMV
+        comes after the embedding lookup and `residual_squares`' kernels."""
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
 
-    @triton.autotune(configs=GEMV_CONFIGS, key=["batch", "N", "K"], do_bench=_time_tile,
-                     prune_configs_by={"early_config_prune": _tiles_for_batch}, restore_value=["conv_state_ptr"])
+    @triton.jit
+    def _weight_tile(weight_ptr, cols, col_ok, k0, K, stride_weight, BLOCK_K: tl.constexpr):
+        """The (BLOCK_N, BLOCK_K) weight tile at column k0 (masked past K). The GEMV loops load the next tile before
+        multiplying the current one, so that a tile's loads are always in flight during the arithmetic."""
+        ks = k0 + tl.arange(0, BLOCK_K)
+        return tl.load(weight_ptr + cols[:, None] * stride_weight + ks[None, :],
+                       mask=col_ok[:, None] & (ks < K)[None, :], other=0.0)
+
+    @triton.jit
+    def _row_sums(products, scale_ptr, cols, col_ok, HAS_SCALE: tl.constexpr):
+        """The outputs of a tile's products, times the weight's per-row scale if it has one. The products of the
+        whole (BLOCK_N, BLOCK_K) tile are kept through the loop and summed once here: a sum across lanes in every
+        step would stall the loads behind it."""
+        outputs = tl.sum(products, axis=1)
+        if HAS_SCALE:
+            outputs = outputs * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
+        return outputs
+
     @triton.jit
     def _norm_in_proj_conv_kernel(
-        residual_ptr, residual_sq_ptr, norm_weight_ptr, weight_ptr, projected_ptr,
+        residual_ptr, residual_sq_ptr, norm_weight_ptr, weight_ptr, weight_scale_ptr, projected_ptr,
         conv_state_ptr, conv_weight_ptr, conv_bias_ptr, conv_out_ptr,
-        batch, N, K, num_sq_parts, conv_start, conv_dim, eps,
-        stride_residual, stride_weight, stride_projected, stride_state_b, stride_state_c, stride_state_k,
-        stride_conv_out,
+        N, K, num_sq_parts, conv_start, conv_dim, eps, stride_weight, stride_state_c, stride_state_k,
         HAS_CONV_BIAS: tl.constexpr, CONV_WIDTH: tl.constexpr, BLOCK_WIDTH: tl.constexpr,
-        BLOCK_PARTS: tl.constexpr, DOT_FP32: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_PARTS: tl.constexpr, HAS_SCALE: tl.constexpr, USE_PDL: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        rows = tl.arange(0, BLOCK_B)
-        row_ok = rows < batch
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
+        weight = _weight_tile(weight_ptr, cols, col_ok, 0, K, stride_weight, BLOCK_K)
+        _wait_for_previous_kernel(USE_PDL)
         parts = tl.arange(0, BLOCK_PARTS)
-        squares = tl.load(residual_sq_ptr + rows[:, None] * num_sq_parts + parts[None, :],
-                          mask=row_ok[:, None] & (parts[None, :] < num_sq_parts), other=0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=1) / K + eps)
+        squares = tl.load(residual_sq_ptr + parts, mask=parts < num_sq_parts, other=0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
 
-        acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+        products = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < K
-            residual = tl.load(residual_ptr + rows[:, None] * stride_residual + ks[None, :],
-                               mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            residual = tl.load(residual_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
             scale = tl.load(norm_weight_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-            x = ((residual * rstd[:, None]) * scale[None, :]).to(weight_ptr.dtype.element_ty)
-            weight = tl.load(weight_ptr + cols[:, None] * stride_weight + ks[None, :],
-                             mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            acc += _rows_times_weight(x, weight, BLOCK_B, DOT_FP32)
+            x = (residual * rstd * scale).to(projected_ptr.dtype.element_ty)
+            next_weight = _weight_tile(weight_ptr, cols, col_ok, k0 + BLOCK_K, K, stride_weight, BLOCK_K)
+            products += weight.to(tl.float32) * x.to(tl.float32)[None, :]
+            weight = next_weight
 
-        projected = acc.to(projected_ptr.dtype.element_ty)
-        tl.store(projected_ptr + rows[:, None] * stride_projected + cols[None, :], projected,
-                 mask=row_ok[:, None] & col_ok[None, :])
+        projected = _row_sums(products, weight_scale_ptr, cols, col_ok, HAS_SCALE).to(projected_ptr.dtype.element_ty)
+        tl.store(projected_ptr + cols, projected, mask=col_ok)
 
         # Conv channels: window = the last CONV_WIDTH - 1 stored inputs, then the new one.
         channels = cols - conv_start
         is_conv = (channels >= 0) & (channels < conv_dim)
-        taps = tl.arange(0, BLOCK_WIDTH)[None, None, :]
-        conv_ok = (row_ok[:, None] & is_conv[None, :])[:, :, None]
-        state_ptrs = conv_state_ptr + rows[:, None, None] * stride_state_b + channels[None, :, None] * stride_state_c
-        kept = tl.load(state_ptrs + (taps + 1) * stride_state_k, mask=conv_ok & (taps < CONV_WIDTH - 1), other=0.0)
-        newest = projected.to(conv_state_ptr.dtype.element_ty)[:, :, None]
+        taps = tl.arange(0, BLOCK_WIDTH)[None, :]
+        state_ptrs = conv_state_ptr + channels[:, None] * stride_state_c
+        kept = tl.load(state_ptrs + (taps + 1) * stride_state_k, mask=is_conv[:, None] & (taps < CONV_WIDTH - 1),
+                       other=0.0)
+        newest = projected.to(conv_state_ptr.dtype.element_ty)[:, None]
         window = tl.where(taps == CONV_WIDTH - 1, newest, kept)
-        conv_weight = tl.load(conv_weight_ptr + channels[None, :, None] * CONV_WIDTH + taps,
-                              mask=is_conv[None, :, None] & (taps < CONV_WIDTH), other=0.0)
-        conv = tl.sum(window.to(tl.float32) * conv_weight.to(tl.float32), axis=2)
+        conv_weight = tl.load(conv_weight_ptr + channels[:, None] * CONV_WIDTH + taps,
+                              mask=is_conv[:, None] & (taps < CONV_WIDTH), other=0.0)
+        conv = tl.sum(window.to(tl.float32) * conv_weight.to(tl.float32), axis=1)
         if HAS_CONV_BIAS:
-            conv += tl.load(conv_bias_ptr + channels, mask=is_conv, other=0.0).to(tl.float32)[None, :]
+            conv += tl.load(conv_bias_ptr + channels, mask=is_conv, other=0.0).to(tl.float32)
         conv = conv * tl.sigmoid(conv)
-        tl.store(conv_out_ptr + rows[:, None] * stride_conv_out + channels[None, :],
-                 conv.to(conv_out_ptr.dtype.element_ty), mask=row_ok[:, None] & is_conv[None, :])
+        tl.store(conv_out_ptr + channels, conv.to(conv_out_ptr.dtype.element_ty), mask=is_conv)
         # Each stored input moves one tap left: all of this program's reads must be done before its writes.
         tl.debug_barrier()
-        tl.store(state_ptrs + taps * stride_state_k, window, mask=conv_ok & (taps < CONV_WIDTH))
+        tl.store(state_ptrs + taps * stride_state_k, window, mask=is_conv[:, None] & (taps < CONV_WIDTH))
 
     @triton.jit
     def _state_update_kernel(
@@ -153,9 +165,10 @@ if triton is not None:
         head_dim, state_size, heads_per_group, p_blocks,
         stride_state_b, stride_state_h, stride_state_p, stride_x_b, stride_x_h, stride_bc_b, stride_bc_g,
         stride_dt_b, stride_z_b, stride_z_h, stride_out_b, stride_out_h,
-        HAS_DT_BIAS: tl.constexpr, HAS_D: tl.constexpr, GATED: tl.constexpr,
+        HAS_DT_BIAS: tl.constexpr, HAS_D: tl.constexpr, GATED: tl.constexpr, USE_PDL: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
     ):
+        _wait_for_previous_kernel(USE_PDL)
         block = tl.program_id(0)  # head * p_blocks + block of head_dim rows
         row = tl.program_id(1)
         head = block // p_blocks
@@ -193,76 +206,63 @@ if triton is not None:
         else:
             tl.store(out_ptrs, y, mask=p_ok)
 
-    @triton.autotune(configs=GEMV_CONFIGS, key=["batch", "N", "K"], do_bench=_time_tile,
-                     prune_configs_by={"early_config_prune": _tiles_for_batch})
     @triton.jit
     def _gated_norm_out_proj_kernel(
-        gated_ptr, gated_sq_ptr, norm_weight_ptr, weight_ptr, residual_ptr, new_residual_ptr, new_residual_sq_ptr,
-        batch, N, K, num_gated_parts, eps,
-        stride_gated, stride_weight, stride_residual, stride_new_residual,
-        SQ_WIDTH: tl.constexpr, BLOCK_PARTS: tl.constexpr, DOT_FP32: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        gated_ptr, gated_sq_ptr, norm_weight_ptr, weight_ptr, weight_scale_ptr, residual_ptr, new_residual_ptr,
+        new_residual_sq_ptr, N, K, num_gated_parts, eps, stride_weight,
+        SQ_WIDTH: tl.constexpr, BLOCK_PARTS: tl.constexpr, HAS_SCALE: tl.constexpr, USE_PDL: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        rows = tl.arange(0, BLOCK_B)
-        row_ok = rows < batch
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
+        weight = _weight_tile(weight_ptr, cols, col_ok, 0, K, stride_weight, BLOCK_K)
+        _wait_for_previous_kernel(USE_PDL)
         parts = tl.arange(0, BLOCK_PARTS)
-        squares = tl.load(gated_sq_ptr + rows[:, None] * num_gated_parts + parts[None, :],
-                          mask=row_ok[:, None] & (parts[None, :] < num_gated_parts), other=0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=1) / K + eps)
+        squares = tl.load(gated_sq_ptr + parts, mask=parts < num_gated_parts, other=0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
 
-        acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+        products = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < K
-            gated = tl.load(gated_ptr + rows[:, None] * stride_gated + ks[None, :],
-                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            gated = tl.load(gated_ptr + ks, mask=k_ok, other=0.0)
             scale = tl.load(norm_weight_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-            x = ((gated * rstd[:, None]) * scale[None, :]).to(weight_ptr.dtype.element_ty)
-            weight = tl.load(weight_ptr + cols[:, None] * stride_weight + ks[None, :],
-                             mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            acc += _rows_times_weight(x, weight, BLOCK_B, DOT_FP32)
+            x = (gated * rstd * scale).to(norm_weight_ptr.dtype.element_ty)
+            next_weight = _weight_tile(weight_ptr, cols, col_ok, k0 + BLOCK_K, K, stride_weight, BLOCK_K)
+            products += weight.to(tl.float32) * x.to(tl.float32)[None, :]
+            weight = next_weight
 
-        out_ok = row_ok[:, None] & col_ok[None, :]
-        mixed = acc.to(weight_ptr.dtype.element_ty).to(tl.float32)
-        residual = tl.load(residual_ptr + rows[:, None] * stride_residual + cols[None, :], mask=out_ok, other=0.0)
+        mixed = _row_sums(products, weight_scale_ptr, cols, col_ok, HAS_SCALE)
+        mixed = mixed.to(norm_weight_ptr.dtype.element_ty).to(tl.float32)
+        residual = tl.load(residual_ptr + cols, mask=col_ok, other=0.0)
         new_residual = (residual.to(tl.float32) + mixed).to(new_residual_ptr.dtype.element_ty)
-        tl.store(new_residual_ptr + rows[:, None] * stride_new_residual + cols[None, :], new_residual, mask=out_ok)
-        stored = tl.where(out_ok, new_residual.to(tl.float32), 0.0)
-        sums = tl.sum(tl.reshape(stored * stored, (BLOCK_B, BLOCK_N // SQ_WIDTH, SQ_WIDTH)), axis=2)
+        tl.store(new_residual_ptr + cols, new_residual, mask=col_ok)
+        stored = tl.where(col_ok, new_residual.to(tl.float32), 0.0)
+        sums = tl.sum(tl.reshape(stored * stored, (BLOCK_N // SQ_WIDTH, SQ_WIDTH)), axis=1)
         part = tl.program_id(0) * (BLOCK_N // SQ_WIDTH) + tl.arange(0, BLOCK_N // SQ_WIDTH)
-        tl.store(new_residual_sq_ptr + rows[:, None] * (N // SQ_WIDTH) + part[None, :], sums,
-                 mask=row_ok[:, None] & (part[None, :] < N // SQ_WIDTH))
-
-
-def _dot_in_float32(weight: torch.Tensor) -> bool:
-    """Whether the tensor-core tiles multiply float32 copies (exact IEEE products): for float32 weights, and on
-    CPU, where Triton's interpreter multiplies bfloat16 operands wrongly. A bf16 x bf16 product is exact in float32,
-    so this changes nothing but speed."""
-    return weight.dtype == torch.float32 or not weight.is_cuda
+        tl.store(new_residual_sq_ptr + part, sums, mask=part < N // SQ_WIDTH)
 
 
 def residual_squares(residual: torch.Tensor) -> torch.Tensor:
-    """Sums of squares of each `NORM_PARTIAL_WIDTH` columns of the residual stream, in float32: (rows, width / 16)."""
+    """Sums of squares of each `NORM_PARTIAL_WIDTH` columns of the residual stream, in float32: (rows, width / NORM_PARTIAL_WIDTH)."""
     return residual.float().square().unflatten(-1, (-1, NORM_PARTIAL_WIDTH)).sum(-1)
 
 
-def norm_in_proj_conv(residual, residual_sq, norm, in_proj, conv1d, conv_state, conv_start, projected, conv_out):
-    """projected = in_proj(RMSNorm(residual)); conv_out = SiLU(conv update) of its conv channels, `conv_state`
-    shifted in place."""
-    batch, width = residual.shape
-    out_features = in_proj.weight.shape[0]
+def norm_in_proj_conv(residual, residual_sq, norm, in_proj, conv1d, conv_state, conv_start, projected, conv_out,
+                      tile=None):
+    """For one row: projected = in_proj(RMSNorm(residual)); conv_out = SiLU(conv update) of its conv channels,
+    `conv_state` shifted in place. `tile` replaces the one from `IN_PROJ_TILES` (benchmarks compare tiles)."""
+    values, row_scale = weight_operands(in_proj.weight)
     conv_dim, _, conv_width = conv1d.weight.shape
     bias = conv1d.bias
     _launch_gemv(
-        _norm_in_proj_conv_kernel, out_features, batch, residual.is_cuda,
-        residual, residual_sq, norm.weight, in_proj.weight, projected,
+        _norm_in_proj_conv_kernel, IN_PROJ_TILES, tile, values, residual.device,
+        residual, residual_sq, norm.weight, values, row_scale, projected,
         conv_state, conv1d.weight, bias if bias is not None else conv1d.weight, conv_out,
-        batch, out_features, width, residual_sq.shape[1], conv_start, conv_dim, norm.eps,
-        residual.stride(0), in_proj.weight.stride(0), projected.stride(0), *conv_state.stride(), conv_out.stride(0),
+        values.shape[0], values.shape[1], residual_sq.shape[1], conv_start, conv_dim, norm.eps, values.stride(0),
+        conv_state.stride(1), conv_state.stride(2),
         HAS_CONV_BIAS=bias is not None, CONV_WIDTH=conv_width, BLOCK_WIDTH=triton.next_power_of_2(conv_width),
-        BLOCK_PARTS=triton.next_power_of_2(residual_sq.shape[1]), DOT_FP32=_dot_in_float32(in_proj.weight),
+        BLOCK_PARTS=triton.next_power_of_2(residual_sq.shape[1]), HAS_SCALE=row_scale is not None,
     )
 
 
@@ -283,7 +283,7 @@ def _launch_state_update(state, x, dt, A, B, C, D, dt_bias, out, gate=None, out_
         head_dim, state.shape[-1], heads // B.shape[1], p_blocks,
         *state.stride()[:3], *x.stride()[:2], *B.stride()[:2], dt.stride(0), *gate_strides, *out.stride()[:2],
         HAS_DT_BIAS=dt_bias is not None, HAS_D=D is not None, GATED=gate is not None,
-        BLOCK_P=rows_per_program, BLOCK_S=triton.next_power_of_2(state.shape[-1]),
+        BLOCK_P=rows_per_program, BLOCK_S=triton.next_power_of_2(state.shape[-1]), **_launch_options(state.device),
     )
 
 
@@ -298,27 +298,28 @@ def selective_state_update(state, x, dt, A, B, C, D=None, dt_bias=None):
     return y
 
 
-def gated_norm_out_proj(gated, gated_sq, norm, out_proj, residual, new_residual, new_residual_sq):
-    """new_residual = residual + out_proj(gated RMSNorm of `gated`); its partial sums of squares go to
-    `new_residual_sq` for the next layer's norm."""
-    batch, inner = gated.shape
-    width = out_proj.weight.shape[0]
+def gated_norm_out_proj(gated, gated_sq, norm, out_proj, residual, new_residual, new_residual_sq, tile=None):
+    """For one row: new_residual = residual + out_proj(gated RMSNorm of `gated`); its partial sums of squares go to
+    `new_residual_sq` for the next layer's norm. `tile` replaces the one from `OUT_PROJ_TILES`."""
+    values, row_scale = weight_operands(out_proj.weight)
     _launch_gemv(
-        _gated_norm_out_proj_kernel, width, batch, gated.is_cuda,
-        gated, gated_sq, norm.weight, out_proj.weight, residual, new_residual, new_residual_sq,
-        batch, width, inner, gated_sq.shape[1], norm.eps,
-        gated.stride(0), out_proj.weight.stride(0), residual.stride(0), new_residual.stride(0),
+        _gated_norm_out_proj_kernel, OUT_PROJ_TILES, tile, values, gated.device,
+        gated, gated_sq, norm.weight, values, row_scale, residual, new_residual, new_residual_sq,
+        values.shape[0], values.shape[1], gated_sq.shape[1], norm.eps, values.stride(0),
         SQ_WIDTH=NORM_PARTIAL_WIDTH, BLOCK_PARTS=triton.next_power_of_2(gated_sq.shape[1]),
-        DOT_FP32=_dot_in_float32(out_proj.weight),
+        HAS_SCALE=row_scale is not None,
     )
 
 
 def fused_decode_layers(layers, hidden_states, states, rates, residual_in_fp32: bool) -> torch.Tensor:
-    """Every LM block on one token per row: (rows, hidden) embeddings -> the residual stream after the last block
-    (float32 if `residual_in_fp32`), each layer's (conv_state, ssm_state) updated in place. The final norm is the
-    caller's, as in the unfused step."""
+    """Every LM block on one token of one sequence: (1, hidden) embeddings -> the residual stream after the last
+    block (float32 if `residual_in_fp32`), each layer's (conv_state, ssm_state) updated in place. The final norm is
+    the caller's, as in the unfused step."""
     dims = layers[0].mixer.dims
     batch = hidden_states.shape[0]
+    if batch != 1:
+        raise ValueError(f"fused_decode_layers runs one sequence; got hidden_states of shape "
+                         f"{tuple(hidden_states.shape)}: run larger batches through the per-op step")
     residual = hidden_states.to(torch.float32 if residual_in_fp32 else hidden_states.dtype)
     residual_sq = residual_squares(residual)
     spare = torch.empty_like(residual)
@@ -354,6 +355,15 @@ def _plain_tensor(tensor: torch.Tensor | None, device: torch.device) -> bool:
     return tensor is None or (type(tensor.data) is torch.Tensor and tensor.device == device)
 
 
+def _readable_projection(weight, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the fused GEMVs read `weight` directly: plain, or row-scaled int8 / float8 of the model's dtype."""
+    if weight.dtype != dtype:
+        return False
+    if rowwise_quantized(weight):
+        return weight.qdata.device == device
+    return _plain_tensor(weight, device) and weight.is_contiguous()
+
+
 def state_update_refusal(language_model, states, device: torch.device) -> str | None:
     """Why `selective_state_update` cannot run this step (None when it can)."""
     if triton is None:
@@ -377,7 +387,7 @@ def fused_step_refusal(language_model, batch: int, states, device: torch.device)
 
     config, dims = language_model.config, language_model.layers[0].mixer.dims
     if batch > FUSED_MAX_BATCH:
-        return f"batch {batch} is above {FUSED_MAX_BATCH} (larger batches run GEMMs)"
+        return f"batch {batch} is above {FUSED_MAX_BATCH} (larger batches run the per-op step's GEMMs)"
     if dims.n_groups != 1:
         return f"n_groups is {dims.n_groups}; the fused gated norm normalises one group"
     if config.hidden_size % NORM_PARTIAL_WIDTH:
@@ -403,11 +413,14 @@ def fused_step_refusal(language_model, batch: int, states, device: torch.device)
                        f"{cls_name}"
         if mixer.in_proj.bias is not None or mixer.out_proj.bias is not None:
             return f"layer {mixer.layer_idx}'s in_proj or out_proj has a bias"
-        weights = [layer.norm.weight, mixer.in_proj.weight, mixer.conv1d.weight, mixer.conv1d.bias, mixer.norm.weight,
-                   mixer.out_proj.weight]
+        weights = [layer.norm.weight, mixer.conv1d.weight, mixer.conv1d.bias, mixer.norm.weight]
         if not all(_plain_tensor(w, device) and (w is None or (w.dtype == dtype and w.is_contiguous()))
                    for w in weights):
             return f"layer {mixer.layer_idx}'s weights are not all plain contiguous {dtype} tensors on {device}"
+        for name in ("in_proj", "out_proj"):
+            if not _readable_projection(modules[name].weight, dtype, device):
+                return f"layer {mixer.layer_idx}'s {name} weight is neither a plain contiguous {dtype} tensor nor " \
+                       f"torchao's int8 / float8 weight with one scale per row, on {device}"
         if conv_state.device != device or conv_state.shape != (batch, dims.conv_dim, mixer.conv_kernel):
             return f"layer {mixer.layer_idx}'s conv state is not a ({batch}, {dims.conv_dim}, {mixer.conv_kernel}) " \
                    f"tensor on {device}"

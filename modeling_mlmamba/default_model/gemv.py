@@ -37,9 +37,9 @@ if triton is not None:
         configs=[
             triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
             for bn, bk, w, s in [
-                (16, 512, 4, 3), (16, 1024, 8, 3), (32, 256, 4, 4), (32, 512, 8, 3),
-                (64, 128, 4, 4), (64, 256, 8, 3), (8, 1024, 4, 3), (8, 512, 4, 4),
-                (8, 2048, 8, 3),  # 2 KB per row of 1-byte (int8, float8) weights per step
+                (4, 1024, 4, 2), (8, 512, 4, 3), (8, 1024, 8, 2), (16, 256, 4, 3), (16, 512, 8, 3),
+                (16, 1024, 8, 2), (32, 256, 8, 3),
+                (8, 2048, 8, 1), (16, 2048, 8, 1),  # 2 KB per row of 1-byte (int8, float8) weights per step
             ]
         ],
         key=["N", "K"],
@@ -47,13 +47,16 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        # Every product of the tile is kept and summed once after the loop: a sum across lanes in every step would
+        # stall the loads behind it.
+        products = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             w = tl.load(w_ptr + cols[:, None] * stride_wn + ks[None, :], mask=(cols[:, None] < N) & (ks[None, :] < K),
                         other=0.0)
             x = tl.load(x_ptr + ks, mask=ks < K, other=0.0)
-            acc += tl.sum(w.to(tl.float32) * x[None, :].to(tl.float32), axis=1)
+            products += w.to(tl.float32) * x[None, :].to(tl.float32)
+        acc = tl.sum(products, axis=1)
         if scale_ptr is not None:
             acc *= tl.load(scale_ptr + cols, mask=cols < N, other=0.0)
         tl.store(y_ptr + cols, acc.to(y_ptr.dtype.element_ty), mask=cols < N)
@@ -111,7 +114,12 @@ def gemv_operands(module: nn.Module, x: torch.Tensor):
         or module.weight.device != x.device
     ):
         return None
-    weight = module.weight
+    return weight_operands(module.weight)
+
+
+def weight_operands(weight) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(values, per-row scale or None) that a kernel reads `weight` from: a plain contiguous dense tensor as it is,
+    or a torchao layout that `rowwise_quantized` accepts; None for anything else."""
     if is_dense_weight(weight):
         return (weight, None) if weight.is_contiguous() else None
     if rowwise_quantized(weight):
