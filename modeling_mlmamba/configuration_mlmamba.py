@@ -161,8 +161,8 @@ class MLMambaConfig(PretrainedConfig):
         initializer_range (`float`): std of the normal init of our linear and embedding weights (towers keep theirs).
         use_cuda_graphs (`bool`, defaults to True): on CUDA, `generate()` replays a captured graph of the LM's
             one-token step (one per batch size). Set `model.config.use_cuda_graphs = False` to decode eagerly.
-        use_fused_decode_step (`bool`, defaults to True): on CUDA with Triton, each decode step runs the LM in
-            three fused kernels per layer (`decode_kernels.py`; batches above 8 keep the per-op step with a
+        use_fused_decode_step (`bool`, defaults to True): on CUDA with Triton, each batch-1 decode step runs the LM
+            in three fused kernels per layer (`decode_kernels.py`; larger batches run the per-op step with a
             streaming state-update kernel). Set False for the per-op step with mamba-ssm's kernels.
 
     Every value is checked when the config is built (also when it is loaded): a wrong one raises a `ValueError`

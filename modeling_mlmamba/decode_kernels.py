@@ -45,7 +45,7 @@ except ImportError:
 FUSED_MAX_BATCH = 1
 # GEMV tiles (outputs, inputs per step, warps) by bytes per weight: the fastest of those measured on an H200 at the
 # full LM's shapes (`benchmarks/decode_step_kernels.py`). bf16: in_proj 10576 x 2560 in 15.4 us (as fast as
-# cuBLAS), out_proj 2560 x 5120 in 9.5 us (cuBLAS 11.8); float8: 15.4 and 7.6 us. 4-byte weights take the 2-byte
+# cuBLAS), out_proj 2560 x 5120 in 9.5 us (cuBLAS 11.4); float8: 15.4 and 7.6 us. 4-byte weights take the 2-byte
 # tiles, int8 the float8 ones.
 IN_PROJ_TILES = {2: (32, 256, 4), 1: (8, 512, 4)}
 OUT_PROJ_TILES = {2: (4, 512, 8), 1: (4, 1024, 4)}

@@ -7,8 +7,9 @@ their dtype. The LM head is tied to the embeddings, which transformers' quantize
 `modules_to_not_convert` / `llm_int8_skip_modules` list of your own replaces that default: add `lm_head` to it).
 What is quantized is the language model's Mamba-2 `in_proj` / `out_proj`, nearly all of its weights.
 
-The model's own kernels read only plain dense weights and the two torchao layouts that `gemv.py` checks for; every
-other weight goes through its module's forward (bitsandbytes' or torchao's kernels). Generation replays CUDA graphs
+The model's own kernels (the fused batch-1 decode step and the GEMV) read only plain dense weights and the two
+torchao layouts that `gemv.py` checks for; every other weight goes through its module's forward (bitsandbytes' or
+torchao's kernels). Generation replays CUDA graphs
 only when every layer's kernels can be captured (`graph_capturable`). QLoRA (adapters on a quantized LM) is in
 `lora.py`.
 """

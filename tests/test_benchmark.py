@@ -13,7 +13,8 @@ def test_tiny_benchmark_measures_every_row_and_checks_greedy_tokens(tmp_path, ca
     results = benchmark.main(["--tiny", "--json", str(tmp_path / "results.json")])
     assert json.loads((tmp_path / "results.json").read_text())["decode"] == results["decode"]
     plan = benchmark.Plan.tiny()
-    assert set(results["decode"]) == {f"batch{b}_{kind}" for b in plan.batches for kind in ("fused", "per_op")}
+    assert set(results["decode"]) == {"batch1_fused", "batch1_per_op"} | {
+        f"batch{b}_{kind}" for b in plan.batches[1:] for kind in ("streaming", "per_op")}
     # Tiny timings are noise (a decode rate is a difference of two short calls): only their presence is checked.
     assert all(math.isfinite(entry["tokens_per_s"]) for entry in results["decode"].values())
     assert set(results["bandwidth"]["bound_tokens_per_s"]) == {f"batch{b}" for b in plan.batches}
@@ -31,7 +32,7 @@ def test_tiny_benchmark_measures_every_row_and_checks_greedy_tokens(tmp_path, ca
         assert check["fused_identical_with_and_without_graphs"] and check["per_op_identical_with_and_without_graphs"]
         assert check["fused_vs_per_op_identical_tokens"]  # on the CPU both take the reference step
     printed = capsys.readouterr().out
-    assert "ratio to the released path" in printed and "decode batch3, fused step" in printed
+    assert "ratio to the released path" in printed and "decode batch3, per-op step + streaming state update" in printed
 
 
 def test_tiny_profile_lists_the_kernels_of_prefill_and_both_decode_steps(tmp_path):
@@ -62,3 +63,10 @@ def test_host_overhead_measures_the_graph_seams_host_work_and_restores_the_decod
                ("prefill_forward_host_ms", "generate_1_token_host_ms", "generate_host_ms_before_prefill",
                 "decode_host_ms_per_token"))
     assert json.loads((tmp_path / "host.json").read_text()) == results
+
+
+def test_decode_step_kernel_benchmark_needs_a_gpu(monkeypatch):
+    decode_step_kernels = load_example("decode_step_kernels", "benchmarks")
+    monkeypatch.setattr(decode_step_kernels.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="needs a CUDA GPU and triton"):
+        decode_step_kernels.main(["--json", "unused.json"])
