@@ -26,6 +26,7 @@ import torch
 from transformers import DynamicCache
 from transformers.utils import logging
 
+from .gemv import DENSE_TYPES
 from .quantization import capturable_kinds, layer_capturable
 
 logger = logging.get_logger(__name__)
@@ -35,8 +36,6 @@ MAX_DECODE_GRAPHS = 4
 # Device types whose calls are captured as CUDA graphs; elsewhere a "graph" runs its function eagerly on the same
 # static buffers, so everything around the capture is exercised there too.
 CAPTURE_DEVICE_TYPES = ("cuda",)
-# What `gemv.is_dense_weight` accepts as a plain weight (checked inline in the once-per-call weights walk).
-DENSE_TYPES = (torch.nn.Parameter, torch.Tensor)
 
 
 def cache_states(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -91,7 +90,7 @@ def weights_state(model: torch.nn.Module) -> tuple[tuple, bool]:
         children = attributes["_modules"]
         if children:
             modules.extend(children.values())
-        dense = True
+        dense = True  # `gemv.is_dense_weight` of every weight, inline: this walk is on the time to first token
         for weight in attributes["_parameters"].values():
             if weight is not None:
                 fingerprint.append((weight.data_ptr(), weight.dtype, weight.device))

@@ -28,6 +28,8 @@ except ImportError:
     triton = None
 
 HALF_PRECISION = (torch.bfloat16, torch.float16)
+# The types of a plain weight: no tensor subclass, so its storage is exactly its values.
+DENSE_TYPES = (nn.Parameter, torch.Tensor)
 # Devices whose tensors the Triton kernel takes.
 KERNEL_DEVICES = ("cuda",)
 
@@ -65,7 +67,7 @@ if triton is not None:
 def is_dense_weight(weight) -> bool:
     """Whether `weight` is a plain floating-point tensor or `nn.Parameter`: no tensor subclass (torchao's quantized
     tensors, bitsandbytes' `Params4bit` / `Int8Params`, DTensor), so its storage is exactly its values."""
-    return type(weight) in (nn.Parameter, torch.Tensor) and weight.is_floating_point()
+    return type(weight) in DENSE_TYPES and weight.is_floating_point()
 
 
 def torchao_tensor_type(name: str) -> type | None:

@@ -9,9 +9,8 @@ What is quantized is the language model's Mamba-2 `in_proj` / `out_proj`, nearly
 
 The model's own kernels (the fused batch-1 decode step and the GEMV) read only plain dense weights and the two
 torchao layouts that `gemv.py` checks for; every other weight goes through its module's forward (bitsandbytes' or
-torchao's kernels). Generation replays CUDA graphs
-only when every layer's kernels can be captured (`graph_capturable`). QLoRA (adapters on a quantized LM) is in
-`lora.py`.
+torchao's kernels). Generation replays CUDA graphs only when every layer's kernels can be captured
+(`graph_capturable`). QLoRA (adapters on a quantized LM) is in `lora.py`.
 """
 
 import importlib.util

@@ -28,7 +28,7 @@ sequence, read and written), which that kernel streams at ~3.8 TB/s.
 import torch
 from torch import nn
 
-from .gemv import rowwise_quantized, weight_operands
+from .gemv import weight_operands
 
 try:
     import triton
@@ -244,7 +244,8 @@ if triton is not None:
 
 
 def residual_squares(residual: torch.Tensor) -> torch.Tensor:
-    """Sums of squares of each `NORM_PARTIAL_WIDTH` columns of the residual stream, in float32: (rows, width / NORM_PARTIAL_WIDTH)."""
+    """Sums of squares of each `NORM_PARTIAL_WIDTH` columns of the residual stream, in float32:
+    (rows, width / NORM_PARTIAL_WIDTH)."""
     return residual.float().square().unflatten(-1, (-1, NORM_PARTIAL_WIDTH)).sum(-1)
 
 
@@ -356,12 +357,10 @@ def _plain_tensor(tensor: torch.Tensor | None, device: torch.device) -> bool:
 
 
 def _readable_projection(weight, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether the fused GEMVs read `weight` directly: plain, or row-scaled int8 / float8 of the model's dtype."""
-    if weight.dtype != dtype:
-        return False
-    if rowwise_quantized(weight):
-        return weight.qdata.device == device
-    return _plain_tensor(weight, device) and weight.is_contiguous()
+    """Whether the fused GEMVs read `weight` directly: what `weight_operands` gives the launchers (plain and
+    contiguous, or row-scaled int8 / float8), of the model's dtype and on `device`."""
+    operands = weight_operands(weight)
+    return operands is not None and weight.dtype == dtype and operands[0].device == device
 
 
 def state_update_refusal(language_model, states, device: torch.device) -> str | None:
