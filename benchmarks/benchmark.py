@@ -257,16 +257,16 @@ def prefill_breakdown(plan, model, ids, pixels):
             "LM prefill": clock.ms(marks["lm"], marks["lm end"])}
 
 
-def replay_ms(plan, replay, repeats=10) -> float:
+def replay_ms(device, replay, repeats=10) -> float:
     """Median time (ms) between CUDA events around `replay()` after a synchronisation: with nothing queued before
     it, this is the device time of what `replay` launches (on the CPU: its wall time)."""
-    clock, times = Clock(plan.device), []
+    clock, times = Clock(device), []
     for _ in range(repeats):
-        synchronize(plan.device)
+        synchronize(device)
         start = clock.mark()
         replay()
         end = clock.mark()
-        synchronize(plan.device)
+        synchronize(device)
         times.append(clock.ms(start, end))
     return statistics.median(times)
 
@@ -288,7 +288,7 @@ def prefill_split(plan, model, ids, pixels):
     split = {"generate_1_token": generate * 1e3, "forward": host * 1e3}
     graphed = [call for key, call in model.cuda_graphs.prefill_graphs.items() if key[0] == tuple(ids.shape)]
     if graphed and graphed[0].graph is not None:
-        split["prefill_graph_replay"] = replay_ms(plan, graphed[0].graph.replay)
+        split["prefill_graph_replay"] = replay_ms(plan.device, graphed[0].graph.replay)
     with torch.no_grad():
         features = inner.vision_tower(pixels).last_hidden_state
         embeds = inner.get_input_embeddings()(ids)
@@ -299,7 +299,7 @@ def prefill_split(plan, model, ids, pixels):
         }
         for name, (piece, example) in pieces.items():
             call = GraphedCall(piece, [example])
-            split[f"graphed {name}"] = replay_ms(plan, lambda: call(example))
+            split[f"graphed {name}"] = replay_ms(plan.device, lambda: call(example))
     return split
 
 

@@ -21,13 +21,15 @@ import argparse
 import itertools
 import json
 import platform
-import statistics
 
 import torch
 import torch.nn.functional as F
 import transformers
 
+from benchmark import copy_bandwidth, replay_ms
+
 from modeling_mlmamba import MLMambaConfig, decode_kernels
+from modeling_mlmamba.cuda_graphs import capture_graph
 from modeling_mlmamba.decode_kernels import (
     _launch_state_update,
     _state_rows_per_program,
@@ -55,41 +57,10 @@ def tile_name(tile) -> str:
 
 
 def graph_ms(fn) -> float:
-    """fn() recorded once in a CUDA graph and replayed: the median milliseconds of one replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):  # compiles, autotunes
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    times = []
-    for _ in range(REPLAYS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def copy_bandwidth() -> float:
-    """Bytes per second of a 1 GiB device-to-device copy (read + written), median of 10."""
-    source = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    target = torch.empty_like(source)
-    times = []
-    for _ in range(11):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        target.copy_(source)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return 2 * source.numel() / (statistics.median(times[1:]) / 1e3)
+    """fn() recorded once in a CUDA graph (after two warm-up calls, which compile the kernels) and replayed: the
+    median milliseconds of one replay."""
+    graph, _ = capture_graph(fn, [], pool=None)
+    return replay_ms(torch.device("cuda"), graph.replay, REPLAYS)
 
 
 class Step:
@@ -210,7 +181,7 @@ def main(argv=None):
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                "transformers": transformers.__version__, "triton": decode_kernels.triton.__version__,
                "python": platform.python_version()}
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bandwidth(torch.device("cuda"))
     results["copy_tb_per_s"] = bandwidth / 1e12
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     torch.manual_seed(0)
