@@ -153,6 +153,13 @@ def test_shapes_the_fused_kernels_are_not_written_for_are_refused(text_config, r
     assert reason in fused_step_refusal(lm, 1, random_states(lm, 1), torch.device("cpu"))
 
 
+def test_fused_layers_refuse_more_than_one_row_before_launching():
+    lm = language_model()
+    states = random_states(lm, 2)
+    with pytest.raises(ValueError, match=r"runs one sequence; got hidden_states of shape \(2, 64\): run larger"):
+        fused_decode_layers(lm.layers, embeds(lm, 2), states, lm.decay_rates(), residual_in_fp32=True)
+
+
 def test_states_of_the_wrong_shape_or_layout_are_refused():
     lm = language_model()
     states = random_states(lm, 2)
