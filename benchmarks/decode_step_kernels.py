@@ -5,11 +5,11 @@ Rows:
   * candidate tiles of the two fused projection kernels (RMSNorm + in_proj GEMV + conv update, 10576 x 2560;
     gated RMSNorm + out_proj GEMV + residual add, 2560 x 5120): microseconds per layer and the weight bytes read per
     second, the package's tiles (`IN_PROJ_TILES`, `OUT_PROJ_TILES`) marked "default"; in bf16 and, where torchao is
-    installed, float8 (torchao's weight-only layout, one scale per row);
+    installed, float8 and int8 (torchao's weight-only layouts, one scale per row);
   * cuBLAS (`torch.nn.functional.linear`) on the same two shapes, and the state-update kernel at batch 1 and 32
     (its float32 states read and written per second);
   * the whole 64-layer step, fused (batch 1) and per-op, at batches 1, 2, 4, 8 and 32; at batch 1 also without
-    programmatic dependent launch; and with float8 and int8 projections.
+    programmatic dependent launch and with the sweep's fastest tiles; and with float8 and int8 projections.
 Each measurement is one CUDA graph that runs the kernel once for each of the 64 layers on that layer's own weights
 (5.2 GB in bf16, a hundred times the L2 cache, so every weight comes from memory), replayed 20 times: the median
 replay over 64 is the time per layer.
@@ -43,8 +43,10 @@ from modeling_mlmamba.mamba2 import Mamba2LanguageModel
 
 # Tiles (outputs, inputs per step) around the fastest ones, 4 or 8 warps; 1-byte weights are swept at twice the
 # inputs per step (the same bytes).
-TILE_SHAPES = [(4, 512), (4, 1024), (8, 256), (8, 512), (8, 1024), (16, 256), (16, 512), (32, 256)]
+TILE_SHAPES = [(4, 512), (4, 1024), (4, 2048), (8, 256), (8, 512), (8, 1024), (16, 256), (16, 512), (32, 256), (32, 512),
+               (64, 256)]
 REPLAYS = 20
+QUANTIZED_LABELS = {"Float8WeightOnlyConfig": "float8", "Int8WeightOnlyConfig": "int8"}
 
 
 def tiles(bytes_per_weight: int) -> list[tuple[int, int, int]]:
@@ -104,7 +106,7 @@ class Step:
         for layer, (_, ssm_state), A in zip(self.lm.layers, self.states, self.rates):
             mixer = layer.mixer
             _launch_state_update(ssm_state, x, dt, A, B, C, mixer.D, mixer.dt_bias, self.gated.view(x.shape),
-                                 gate=gate.view(x.shape), out_sq=self.gated_sq)
+                                 gate=gate.view(x.shape), out_sq=self.gated_sq, dependent=True)
 
     def cublas(self, name: str):
         row = self.projected.new_zeros(self.residual.shape[0], self.lm.config.hidden_size if name == "in_proj"
@@ -120,11 +122,13 @@ def per_layer_us(ms: float, layers: int) -> float:
     return ms * 1e3 / layers
 
 
-def sweep(step: Step, results: dict, bandwidth: float, label: str) -> None:
+def sweep(step: Step, results: dict, bandwidth: float, label: str) -> dict:
+    """Every candidate tile of both projection kernels; returns the fastest tile of each."""
     layers = len(step.lm.layers)
     values = {name: weight_operands(getattr(step.lm.layers[0].mixer, name).weight)[0] for name in ("in_proj", "out_proj")}
     weight_bytes = {name: tensor.nbytes for name, tensor in values.items()}
     rows = results.setdefault(f"tiles_{label}", {})
+    fastest = {}
     for name, run in (("in_proj", step.in_proj), ("out_proj", step.out_proj)):
         measured = {}
         for tile in (*tiles(values[name].element_size()), None):
@@ -138,6 +142,25 @@ def sweep(step: Step, results: dict, bandwidth: float, label: str) -> None:
         best = sorted((v["us"], k) for k, v in measured.items() if isinstance(v, dict))[:6]
         print(f"{label} {name}: bound {measured['bandwidth_bound_us']:.1f} us, default {measured['default']['us']:.1f}"
               " us; best " + ", ".join(f"{k} {u:.1f} us" for u, k in best), flush=True)
+        fastest[name] = min(tiles(values[name].element_size()), key=lambda tile: measured[tile_name(tile)]["us"])
+    return fastest
+
+
+def step_with_tiles(lm, label: str, fastest: dict, results: dict) -> None:
+    """The fused batch-1 step with the sweep's fastest tiles in place of the package's."""
+    size = 1 if weight_operands(lm.layers[0].mixer.in_proj.weight)[0].element_size() == 1 else 2
+    package_tiles = decode_kernels.IN_PROJ_TILES, decode_kernels.OUT_PROJ_TILES
+    decode_kernels.IN_PROJ_TILES = {**package_tiles[0], size: fastest["in_proj"]}
+    decode_kernels.OUT_PROJ_TILES = {**package_tiles[1], size: fastest["out_proj"]}
+    try:
+        step = Step(lm, 1)
+        ms = graph_ms(lambda: step.whole(True))
+    finally:
+        decode_kernels.IN_PROJ_TILES, decode_kernels.OUT_PROJ_TILES = package_tiles
+    key = f"{label} batch 1 fused, fastest tiles (in_proj {tile_name(fastest['in_proj'])}, out_proj " \
+          f"{tile_name(fastest['out_proj'])})"
+    results.setdefault("whole_step_ms", {})[key] = ms
+    print(f"{key}: {ms:.3f} ms per step (LM only, no head)", flush=True)
 
 
 def state_updates(step: Step, results: dict) -> None:
@@ -189,7 +212,7 @@ def main(argv=None):
         lm = Mamba2LanguageModel(MLMambaConfig().text_config).to(torch.bfloat16).eval().requires_grad_(False)
     with torch.no_grad():
         if not args.no_sweep:
-            sweep(Step(lm, 1), results, bandwidth, "bf16")
+            step_with_tiles(lm, "bf16", sweep(Step(lm, 1), results, bandwidth, "bf16"), results)
         state_updates(Step(lm, 1), results)
         whole_steps(lm, "bf16", (1, 2, 4, 8, 32), results)
         try:
@@ -203,8 +226,9 @@ def main(argv=None):
                 with torch.device("cuda"):
                     lm = Mamba2LanguageModel(MLMambaConfig().text_config).to(torch.bfloat16).eval()
                 lm = quantized(lm.requires_grad_(False), config_name)
-                if not args.no_sweep and config_name == "Float8WeightOnlyConfig":
-                    sweep(Step(lm, 1), results, bandwidth, "float8")
+                if not args.no_sweep:
+                    label = QUANTIZED_LABELS[config_name]
+                    step_with_tiles(lm, label, sweep(Step(lm, 1), results, bandwidth, label), results)
                 whole_steps(lm, config_name, (1,), results)
     with open(args.json, "w") as handle:
         json.dump(results, handle, indent=2)

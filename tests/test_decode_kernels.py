@@ -204,6 +204,33 @@ def test_graph_key_and_step_follow_the_config_switch(monkeypatch):
 # --- the kernels, in Triton's interpreter ---------------------------------------------------------------------
 
 
+if decode_kernels.triton is not None:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _widen_kernel(values_ptr, out_ptr, BLOCK: tl.constexpr):
+        offsets = tl.arange(0, BLOCK)
+        tl.store(out_ptr + offsets, gemv.widen(tl.load(values_ptr + offsets)))
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn, torch.bfloat16])
+def test_widening_reads_every_weight_value_as_torch_does(dtype):
+    """The GEMVs' bit-move widening of 1-byte weights gives torch's own conversion for every byte (float8's NaN
+    aside: quantized weights never hold it), subnormal float8 values included."""
+    if dtype.itemsize == 1:
+        values = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype)
+    else:
+        values = torch.randn(256).to(dtype)
+    widened = torch.empty(256)
+    _widen_kernel[(1,)](values, widened, BLOCK=256)
+    expected = values.float()
+    finite = ~expected.isnan()
+    assert finite.sum() >= 254
+    assert torch.equal(widened[finite], expected[finite])
+
+
 @interpreted
 @pytest.mark.parametrize("groups", [1, 2])
 def test_streaming_state_update_equals_the_reference_step(groups):

@@ -295,7 +295,8 @@ INTERPRETED_KERNEL = textwrap.dedent("""
         for name, (values, row_scale) in layouts.items():
             y = torch.empty(1, out_features, dtype=dtype)
             _gemv_kernel.fn[(triton.cdiv(out_features, 16),)](
-                x, values, row_scale, y, out_features, in_features, values.stride(0), BLOCK_N=16, BLOCK_K=64
+                x, values, row_scale if row_scale is not None else values, y, out_features, in_features,
+                values.stride(0), HAS_SCALE=row_scale is not None, BLOCK_N=16, BLOCK_K=64
             )
             expected = reference_gemv(x, values, row_scale).float()
             error = (y.float() - expected).abs().max() / expected.abs().max()

@@ -12,11 +12,12 @@ launches and tails cost ~0.8 ms per token. Here each layer runs:
 3. `gated_norm_out_proj`: the out_proj GEMV applies the gated RMSNorm as it loads its input, then adds the
    result to the residual stream and leaves the partial sums of squares for the next layer's norm.
 
-The GEMVs read the weights at ~3.5 TB/s on an H200 (each program keeps the products of its whole tile and loads
-the next tile before multiplying the current one), plain bf16/fp16/fp32 weights or torchao's int8 / float8 ones with
-a scale per row (half the bytes). On Hopper each kernel is a programmatic dependent launch: it starts loading its
-weights while the previous kernel finishes. The unfused path's rounding points are kept (in_proj, conv, state update
-and out_proj outputs are rounded to the model dtype), so the two differ only in summation order.
+The GEMVs read bf16 weights at ~3.5 TB/s on an H200 (each program keeps the products of its whole tile, and loads
+the next weight tile and the next piece of its input row before multiplying the current ones), plain bf16/fp16/fp32
+weights or torchao's int8 / float8 ones with a scale per row (half the bytes, widened to float32 by bit moves). On
+Hopper each kernel is a programmatic dependent launch: it starts loading its weights (the state update: its state)
+while the previous kernel finishes. The unfused path's rounding points are kept (in_proj, conv, state update and
+out_proj outputs are rounded to the model dtype), so the two differ only in summation order.
 
 From two rows on the per-op step runs (its projections are GEMMs), with `selective_state_update` below in place of
 mamba_ssm's kernel: at large batches the step is bound by the state traffic (2.6 MB of float32 state per layer and
@@ -28,7 +29,7 @@ sequence, read and written), which that kernel streams at ~3.8 TB/s.
 import torch
 from torch import nn
 
-from .gemv import weight_operands
+from .gemv import row_sums, vector_tile, weight_operands, weight_tile, widen
 
 try:
     import triton
@@ -44,11 +45,11 @@ except ImportError:
 # than GEMV tiles that hold several rows (2.8 against 3.2 ms per step at batch 2, 3.6 against 3.8 at batch 8).
 FUSED_MAX_BATCH = 1
 # GEMV tiles (outputs, inputs per step, warps) by bytes per weight: the fastest of those measured on an H200 at the
-# full LM's shapes (`benchmarks/decode_step_kernels.py`). bf16: in_proj 10576 x 2560 in 15.4 us (as fast as
-# cuBLAS), out_proj 2560 x 5120 in 9.5 us (cuBLAS 11.4); float8: 15.4 and 7.6 us. 4-byte weights take the 2-byte
-# tiles, int8 the float8 ones.
+# full LM's shapes (`benchmarks/decode_step_kernels.py`): bf16 in_proj 10576 x 2560 in 15.4 us (cuBLAS 15.4-16.0),
+# out_proj 2560 x 5120 in 9.2 us (cuBLAS 11.6); float8 in_proj 13.7 us, out_proj 6.8 us; int8 13.4 and 6.3 us.
+# 4-byte weights take the 2-byte tiles.
 IN_PROJ_TILES = {2: (32, 256, 4), 1: (8, 512, 4)}
-OUT_PROJ_TILES = {2: (4, 512, 8), 1: (4, 1024, 4)}
+OUT_PROJ_TILES = {2: (4, 1024, 4), 1: (4, 1024, 4)}
 # The residual stream's sum of squares is handed between kernels in partial sums of this many columns: the
 # narrowest GEMV tile's outputs, so that even the out_proj (2560 outputs at full size) can be split into 640 programs.
 NORM_PARTIAL_WIDTH = 4
@@ -83,30 +84,13 @@ if triton is not None:
     @triton.jit
     def _wait_for_previous_kernel(USE_PDL: tl.constexpr):
         """Under programmatic dependent launch: wait until the previous kernel's writes are visible, then let the
-        next kernel start. A kernel may read only weights before this: no kernel of the step writes them, and a
-        dependent launch starts only after the kernel two launches back completed, while the step's first GEMV
-        comes after the embedding lookup and `residual_squares`' kernels."""
+        next kernel start. Before this a kernel may read only what the kernel before it does not write: weights, which
+        no kernel of the step writes, and its own layer's states, which only it writes. A dependent launch starts
+        only after the kernel two launches back completed, and the step's first GEMV comes after the embedding
+        lookup and `residual_squares`' kernels."""
         if USE_PDL:
             gdc_wait()
             gdc_launch_dependents()
-
-    @triton.jit
-    def _weight_tile(weight_ptr, cols, col_ok, k0, K, stride_weight, BLOCK_K: tl.constexpr):
-        """The (BLOCK_N, BLOCK_K) weight tile at column k0 (masked past K). The GEMV loops load the next tile before
-        multiplying the current one, so that a tile's loads are always in flight during the arithmetic."""
-        ks = k0 + tl.arange(0, BLOCK_K)
-        return tl.load(weight_ptr + cols[:, None] * stride_weight + ks[None, :],
-                       mask=col_ok[:, None] & (ks < K)[None, :], other=0.0)
-
-    @triton.jit
-    def _row_sums(products, scale_ptr, cols, col_ok, HAS_SCALE: tl.constexpr):
-        """The outputs of a tile's products, times the weight's per-row scale if it has one. The products of the
-        whole (BLOCK_N, BLOCK_K) tile are kept through the loop and summed once here: a sum across lanes in every
-        step would stall the loads behind it."""
-        outputs = tl.sum(products, axis=1)
-        if HAS_SCALE:
-            outputs = outputs * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
-        return outputs
 
     @triton.jit
     def _norm_in_proj_conv_kernel(
@@ -119,24 +103,24 @@ if triton is not None:
     ):
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
-        weight = _weight_tile(weight_ptr, cols, col_ok, 0, K, stride_weight, BLOCK_K)
+        weight = weight_tile(weight_ptr, cols, col_ok, 0, K, stride_weight, BLOCK_K)
+        scale = vector_tile(norm_weight_ptr, 0, K, BLOCK_K)
         _wait_for_previous_kernel(USE_PDL)
         parts = tl.arange(0, BLOCK_PARTS)
         squares = tl.load(residual_sq_ptr + parts, mask=parts < num_sq_parts, other=0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
+        residual = vector_tile(residual_ptr, 0, K, BLOCK_K)
 
         products = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < K
-            residual = tl.load(residual_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-            scale = tl.load(norm_weight_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-            x = (residual * rstd * scale).to(projected_ptr.dtype.element_ty)
-            next_weight = _weight_tile(weight_ptr, cols, col_ok, k0 + BLOCK_K, K, stride_weight, BLOCK_K)
-            products += weight.to(tl.float32) * x.to(tl.float32)[None, :]
-            weight = next_weight
+            next_weight = weight_tile(weight_ptr, cols, col_ok, k0 + BLOCK_K, K, stride_weight, BLOCK_K)
+            next_residual = vector_tile(residual_ptr, k0 + BLOCK_K, K, BLOCK_K)
+            next_scale = vector_tile(norm_weight_ptr, k0 + BLOCK_K, K, BLOCK_K)
+            x = (residual.to(tl.float32) * rstd * scale.to(tl.float32)).to(projected_ptr.dtype.element_ty)
+            products += widen(weight) * x.to(tl.float32)[None, :]
+            weight, residual, scale = next_weight, next_residual, next_scale
 
-        projected = _row_sums(products, weight_scale_ptr, cols, col_ok, HAS_SCALE).to(projected_ptr.dtype.element_ty)
+        projected = row_sums(products, weight_scale_ptr, cols, col_ok, HAS_SCALE).to(projected_ptr.dtype.element_ty)
         tl.store(projected_ptr + cols, projected, mask=col_ok)
 
         # Conv channels: window = the last CONV_WIDTH - 1 stored inputs, then the new one.
@@ -168,7 +152,6 @@ if triton is not None:
         HAS_DT_BIAS: tl.constexpr, HAS_D: tl.constexpr, GATED: tl.constexpr, USE_PDL: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
     ):
-        _wait_for_previous_kernel(USE_PDL)
         block = tl.program_id(0)  # head * p_blocks + block of head_dim rows
         row = tl.program_id(1)
         head = block // p_blocks
@@ -177,19 +160,22 @@ if triton is not None:
         n = tl.arange(0, BLOCK_S)
         p_ok = p < head_dim
         n_ok = n < state_size
+        # The state is read before the wait: under dependent launch (the fused step) the kernel before this one is
+        # the in_proj, which does not write it.
+        state_ptrs = state_ptr + row * stride_state_b + head * stride_state_h + p[:, None] * stride_state_p + n[None, :]
+        state_ok = p_ok[:, None] & n_ok[None, :]
+        state = tl.load(state_ptrs, mask=state_ok, other=0.0).to(tl.float32)
+        A = tl.load(A_ptr + head).to(tl.float32)
+        _wait_for_previous_kernel(USE_PDL)
 
         x = tl.load(x_ptr + row * stride_x_b + head * stride_x_h + p, mask=p_ok, other=0.0).to(tl.float32)
         dt = tl.load(dt_ptr + row * stride_dt_b + head).to(tl.float32)
         if HAS_DT_BIAS:
             dt += tl.load(dt_bias_ptr + head).to(tl.float32)
         dt = tl.where(dt <= 20.0, tl.log(tl.exp(dt) + 1.0), dt)  # softplus, as torch's (threshold 20)
-        decay = tl.exp(tl.load(A_ptr + head).to(tl.float32) * dt)
+        decay = tl.exp(A * dt)
         B = tl.load(B_ptr + row * stride_bc_b + group * stride_bc_g + n, mask=n_ok, other=0.0).to(tl.float32)
         C = tl.load(C_ptr + row * stride_bc_b + group * stride_bc_g + n, mask=n_ok, other=0.0).to(tl.float32)
-
-        state_ptrs = state_ptr + row * stride_state_b + head * stride_state_h + p[:, None] * stride_state_p + n[None, :]
-        state_ok = p_ok[:, None] & n_ok[None, :]
-        state = tl.load(state_ptrs, mask=state_ok, other=0.0).to(tl.float32)
         state = state * decay + (B * dt)[None, :] * x[:, None]
         tl.store(state_ptrs, state.to(state_ptr.dtype.element_ty), mask=state_ok)
 
@@ -215,24 +201,24 @@ if triton is not None:
     ):
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
-        weight = _weight_tile(weight_ptr, cols, col_ok, 0, K, stride_weight, BLOCK_K)
+        weight = weight_tile(weight_ptr, cols, col_ok, 0, K, stride_weight, BLOCK_K)
+        scale = vector_tile(norm_weight_ptr, 0, K, BLOCK_K)
         _wait_for_previous_kernel(USE_PDL)
         parts = tl.arange(0, BLOCK_PARTS)
         squares = tl.load(gated_sq_ptr + parts, mask=parts < num_gated_parts, other=0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
+        gated = vector_tile(gated_ptr, 0, K, BLOCK_K)
 
         products = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < K
-            gated = tl.load(gated_ptr + ks, mask=k_ok, other=0.0)
-            scale = tl.load(norm_weight_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-            x = (gated * rstd * scale).to(norm_weight_ptr.dtype.element_ty)
-            next_weight = _weight_tile(weight_ptr, cols, col_ok, k0 + BLOCK_K, K, stride_weight, BLOCK_K)
-            products += weight.to(tl.float32) * x.to(tl.float32)[None, :]
-            weight = next_weight
+            next_weight = weight_tile(weight_ptr, cols, col_ok, k0 + BLOCK_K, K, stride_weight, BLOCK_K)
+            next_gated = vector_tile(gated_ptr, k0 + BLOCK_K, K, BLOCK_K)
+            next_scale = vector_tile(norm_weight_ptr, k0 + BLOCK_K, K, BLOCK_K)
+            x = (gated * rstd * scale.to(tl.float32)).to(norm_weight_ptr.dtype.element_ty)
+            products += widen(weight) * x.to(tl.float32)[None, :]
+            weight, gated, scale = next_weight, next_gated, next_scale
 
-        mixed = _row_sums(products, weight_scale_ptr, cols, col_ok, HAS_SCALE)
+        mixed = row_sums(products, weight_scale_ptr, cols, col_ok, HAS_SCALE)
         mixed = mixed.to(norm_weight_ptr.dtype.element_ty).to(tl.float32)
         residual = tl.load(residual_ptr + cols, mask=col_ok, other=0.0)
         new_residual = (residual.to(tl.float32) + mixed).to(new_residual_ptr.dtype.element_ty)
@@ -273,7 +259,9 @@ def _state_rows_per_program(head_dim: int) -> int:
     return min(triton.next_power_of_2(head_dim), 16)
 
 
-def _launch_state_update(state, x, dt, A, B, C, D, dt_bias, out, gate=None, out_sq=None):
+def _launch_state_update(state, x, dt, A, B, C, D, dt_bias, out, gate=None, out_sq=None, dependent=False):
+    """The state-update kernel; `dependent` (the fused step) launches it as a programmatic dependent of the in_proj
+    kernel before it, which it overlaps by reading the state early."""
     batch, heads, head_dim = x.shape
     rows_per_program = _state_rows_per_program(head_dim)
     p_blocks = triton.cdiv(head_dim, rows_per_program)
@@ -284,7 +272,8 @@ def _launch_state_update(state, x, dt, A, B, C, D, dt_bias, out, gate=None, out_
         head_dim, state.shape[-1], heads // B.shape[1], p_blocks,
         *state.stride()[:3], *x.stride()[:2], *B.stride()[:2], dt.stride(0), *gate_strides, *out.stride()[:2],
         HAS_DT_BIAS=dt_bias is not None, HAS_D=D is not None, GATED=gate is not None,
-        BLOCK_P=rows_per_program, BLOCK_S=triton.next_power_of_2(state.shape[-1]), **_launch_options(state.device),
+        BLOCK_P=rows_per_program, BLOCK_S=triton.next_power_of_2(state.shape[-1]),
+        **(_launch_options(state.device) if dependent else {"USE_PDL": False}),
     )
 
 
@@ -336,7 +325,7 @@ def fused_decode_layers(layers, hidden_states, states, rates, residual_in_fp32: 
         norm_in_proj_conv(residual, residual_sq, layer.norm, mixer.in_proj, mixer.conv1d, conv_state,
                           dims.inner_size, projected, conv_out)
         _launch_state_update(ssm_state, x, dt, A, B, C, mixer.D, mixer.dt_bias, gated.view(x.shape),
-                             gate=gate.view(x.shape), out_sq=gated_sq)
+                             gate=gate.view(x.shape), out_sq=gated_sq, dependent=True)
         gated_norm_out_proj(gated, gated_sq, mixer.norm, mixer.out_proj, residual, spare, residual_sq)
         residual, spare = spare, residual
     return residual
