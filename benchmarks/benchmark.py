@@ -24,8 +24,11 @@ every row with tiny models on the CPU (a smoke test: the numbers mean nothing).
 """
 
 import argparse
+import cProfile
+import io
 import json
 import platform
+import pstats
 import statistics
 import time
 from dataclasses import dataclass
@@ -591,18 +594,43 @@ def table(results) -> str:
     return "\n".join([header, *body])
 
 
+def host_profile(fn, rows: int = 30) -> str:
+    """The host's Python functions during fn(), by cumulative time (cProfile). On a GPU, time the host spends
+    waiting for the device shows in the calls that synchronize."""
+    profiler = cProfile.Profile()
+    profiler.runcall(fn)
+    stream = io.StringIO()
+    pstats.Stats(profiler, stream=stream).sort_stats("cumulative").print_stats(rows)
+    return stream.getvalue()
+
+
 def profile(plan, results):
     """Where prefill and decode time go: top kernels of one LM prefill, of one whole eager prefill (towers,
-    connector, projector, LM) and of one decode step (fused and per-op)."""
+    connector, projector, LM) and of one decode step (fused and per-op); and the host's side of time to first token
+    (`generate(max_new_tokens=1)` with its graphs captured: Python functions, and operators by host time) and of
+    eager decoding (`use_cuda_graphs=False`, 8 new tokens)."""
     model = build_mlmamba(plan)
     pixels = random_pixels(plan, 1)
     ids = random_prompt(plan, 1, PROMPT_TEXT_TOKENS)
     generate_fn(model, ids, pixels, 8)()
-    lm = model.model.language_model
-    embeds = torch.randn(1, ids.shape[1], lm.config.hidden_size, device=plan.device, dtype=plan.dtype)
+    question = random_prompt(plan, 1, QUESTION_TOKENS)
+    first_token = generate_fn(model, question, pixels, 1)
+    warm_up(model, question, pixels)
+    results["profile_first_token_host_functions"] = host_profile(first_token)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if plan.device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        first_token()
+        synchronize(plan.device)
+    results["profile_first_token_host_ops"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+    model.config.use_cuda_graphs = False
+    eager_decode = generate_fn(model, ids, pixels, 8)
+    eager_decode()
+    results["profile_eager_decode_host_functions"] = host_profile(eager_decode)
+    model.config.use_cuda_graphs = True
+    lm = model.model.language_model
+    embeds = torch.randn(1, ids.shape[1], lm.config.hidden_size, device=plan.device, dtype=plan.dtype)
     by_time = "cuda_time_total" if plan.device.type == "cuda" else "cpu_time_total"
     with torch.no_grad():
         for _ in range(3):
@@ -627,8 +655,9 @@ def profile(plan, results):
             name = f"profile_decode_step_{'fused' if fused else 'per_op'}_kernels"
             results[name] = prof.key_averages().table(sort_by=by_time, row_limit=12)
             print(results[name])
-    print(results["profile_lm_prefill_top_ops"])
-    print(results["profile_eager_prefill_top_ops"])
+    for name in ("profile_lm_prefill_top_ops", "profile_eager_prefill_top_ops", "profile_first_token_host_functions",
+                 "profile_first_token_host_ops", "profile_eager_decode_host_functions"):
+        print(results[name])
 
 
 def main(argv=None):
@@ -639,7 +668,8 @@ def main(argv=None):
                         help="rows to leave out")
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU: a smoke test of every row")
     parser.add_argument("--profile", action="store_true",
-                        help="only profile the LM prefill and one decode step, then stop")
+                        help="only profile (prefill and decode kernels, host work of the first token and of eager "
+                             "decoding), then stop")
     args = parser.parse_args(argv)
     if not args.tiny and not torch.cuda.is_available():
         raise SystemExit("benchmarks/benchmark.py needs a CUDA GPU (or --tiny for the CPU smoke test)")

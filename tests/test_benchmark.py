@@ -39,8 +39,10 @@ def test_tiny_profile_lists_the_kernels_of_prefill_and_both_decode_steps(tmp_pat
     benchmark = load_example("benchmark", "benchmarks")
     results = benchmark.main(["--tiny", "--profile", "--json", str(tmp_path / "profile.json")])
     for name in ("profile_lm_prefill_top_ops", "profile_decode_step_fused_kernels",
-                 "profile_decode_step_per_op_kernels"):
+                 "profile_decode_step_per_op_kernels", "profile_first_token_host_ops"):
         assert "Name" in results[name]
+    for name in ("profile_first_token_host_functions", "profile_eager_decode_host_functions"):
+        assert "cumulative" in results[name] and "(generate)" in results[name]
     assert json.loads((tmp_path / "profile.json").read_text()) == json.loads(json.dumps(results))
 
 
