@@ -50,9 +50,6 @@ CPU_FORMATS = formats("torchao-int8", "bnb-int8", "bnb-nf4", "bnb-fp4")
 # Relative logit error against the same weights in bf16, on the tiny random model (measured 0.022 torchao int8,
 # 0.031 LLM.int8(), 0.27 NF4, 0.37 FP4; another model's logits are ~1.4 away).
 LOGIT_ERROR_BOUNDS = {"torchao-int8": 0.05, "bnb-int8": 0.05, "bnb-nf4": 0.4, "bnb-fp4": 0.5}
-# bitsandbytes' CPU 4-bit kernels (on CPUs with AVX512-BF16) pack weights in blocks of 32 output rows and 64 input
-# columns: with state size 12 the tiny LM's in_proj is 64 -> 288 (the default tiny config's 296 rows are not).
-TEXT_CONFIG = {"state_size": 12}
 
 
 def language_model_projections(prefix: str, num_layers: int) -> set[str]:
@@ -72,7 +69,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def saved_model(tmp_path_factory) -> Path:
     """A tiny model and its processor saved to a folder, as a user's checkpoint."""
     folder = tmp_path_factory.mktemp("tiny-mlmamba")
-    model = tiny_model(text_config=TEXT_CONFIG)
+    model = tiny_model()
     model.save_pretrained(folder)
     tiny_processor(model.config).save_pretrained(folder)
     return folder
@@ -115,12 +112,28 @@ def test_quantized_model_generates_close_to_its_bf16_weights(saved_model, quanti
 @pytest.mark.parametrize("quantization", CPU_FORMATS)
 def test_quantized_model_saves_and_reloads_without_its_config(saved_model, quantization, tmp_path):
     quantized = load(saved_model, quantization)
+    inputs = image_inputs(quantized.config)
+    before = logits(quantized, inputs)  # bitsandbytes may change a layer's layout on its first forward
     quantized.save_pretrained(tmp_path)
     reloaded = MLMambaForConditionalGeneration.from_pretrained(tmp_path).eval()  # the config carries the format
     assert quantized_parameters(reloaded) == quantized_parameters(quantized)
     assert [type(p) for p in reloaded.parameters()] == [type(p) for p in quantized.parameters()]
-    inputs = image_inputs(quantized.config)
-    assert torch.equal(logits(reloaded, inputs), logits(quantized, inputs))
+    assert torch.equal(logits(reloaded, inputs), before)
+    assert torch.equal(logits(quantized, inputs), before)
+
+
+@pytest.mark.parametrize("quantization", formats("bnb-nf4", "bnb-fp4"))
+def test_4bit_layers_keep_their_saved_layout_on_the_cpu(saved_model, quantization):
+    """bitsandbytes' CPU repacking of 4-bit weights (on CPUs with AVX512-BF16) is turned off for every layer: the
+    tiny in_proj's 296 rows would stop it, and undoing it for a save changes the weights."""
+    import bitsandbytes
+
+    model = load(saved_model, quantization)
+    layers = [module for module in model.modules() if isinstance(module, bitsandbytes.nn.Linear4bit)]
+    assert len(layers) == 2 * model.config.text_config.num_hidden_layers
+    assert not any(layer.support_avx512bf16_for_cpu for layer in layers)
+    logits(model, image_inputs(model.config))
+    assert not any(getattr(layer.weight.quant_state, "packing_format_for_cpu", False) for layer in layers)
 
 
 @requires("bitsandbytes")

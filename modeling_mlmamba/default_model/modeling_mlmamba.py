@@ -28,6 +28,7 @@ from .input_checks import (
     check_token_inputs,
 )
 from .mamba2 import CausalMamba2Mixer, GatedRMSNorm, Mamba2LanguageModel, RMSNorm
+from .quantization import keep_4bit_layers_unpacked
 from .saving import check_save_directory, save_aside
 
 # transformers up to 5.2x passes a Mamba cache as `cache_params`, later releases call it `cache`; the
@@ -217,6 +218,15 @@ class MLMambaPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _is_stateful = True
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' loading; bitsandbytes' 4-bit layers then keep their saved layout on a CPU, where
+        bitsandbytes' own repacking fails on most widths and does not save back intact
+        (`quantization.keep_4bit_layers_unpacked`)."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        keep_4bit_layers_unpacked(loaded[0] if isinstance(loaded, tuple) else loaded)
+        return loaded
 
     def save_pretrained(self, save_directory, is_main_process: bool = True, *args, **kwargs):
         """transformers' saving, made all-or-nothing: the files are written aside and moved into the folder only once

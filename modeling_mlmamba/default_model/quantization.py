@@ -101,6 +101,25 @@ def bitsandbytes_layers() -> tuple[type, type] | None:
     return None if bnb is None else (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
 
 
+def keep_4bit_layers_unpacked(model: torch.nn.Module) -> None:
+    """Keep bitsandbytes' 4-bit layers in their saved layout when they run on a CPU.
+
+    For inference on a CPU with AVX512-BF16, bitsandbytes (0.50) repacks each 4-bit weight on first use into a
+    layout of 32-row blocks, and that repacking is unsafe here: it stops with `AssertionError: N must be divisible
+    by block_n` on other widths (the default model's `in_proj` has 844 rows, the released one's 10576), and undoing
+    it, as saving and `.cuda()` do, rounds double-quantized scales to bf16 and, without double quantization, writes
+    the scales transposed (a `bnb-fp4` model saved after one CPU forward came back 0.46 from its bf16 logits
+    instead of 0.31). Each layer's own `support_avx512bf16_for_cpu` flag turns the repacking off; its general CPU
+    kernel reads the saved layout of any width (on the default model, 15 % slower than repacked where that fits).
+    """
+    layers = bitsandbytes_layers()
+    if layers is None:
+        return
+    for module in model.modules():
+        if isinstance(module, layers[0]):
+            module.support_avx512bf16_for_cpu = False
+
+
 def capturable_kinds() -> tuple:
     """What `layer_capturable` accepts beyond plain dense weights: bitsandbytes' (Linear4bit, Linear8bitLt) or
     None, and torchao's `CAPTURABLE_TORCHAO_TENSORS` classes, as far as those libraries have been imported."""
