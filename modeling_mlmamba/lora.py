@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, prepare_model_for_kbit_training
-from transformers import AutoProcessor
 
-from .modeling_mlmamba import MLMambaForConditionalGeneration
-from .quantization import quantization_config
-
+from . import register_auto_classes
 from .model_card import write_model_card
+from .modeling_mlmamba import MLMambaForConditionalGeneration
+from .processing_mlmamba import MLMambaProcessor
+from .quantization import quantization_config
 
 # Module names under `MLMambaForConditionalGeneration` ("model.language_model...") or `MLMambaModel`
 # ("language_model..."). Scoped to the language model on purpose: a bare `out_proj` also names SigLIP's attention
@@ -73,12 +73,13 @@ def qlora_model_and_processor(model_name_or_path: str | None, quantization: str 
     if model_name_or_path is None:
         raise ValueError("quantized training starts from a saved model, but model_name_or_path is None; pass a "
                          "saved or converted ML-Mamba folder or Hub id")
+    register_auto_classes()  # the folder's processor config names its classes through the Auto classes
     model = MLMambaForConditionalGeneration.from_pretrained(
         model_name_or_path, quantization_config=quantization_config(quantization, compute_dtype),
         **from_pretrained_kwargs,
     )
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return model, AutoProcessor.from_pretrained(model_name_or_path)
+    return model, MLMambaProcessor.from_pretrained(model_name_or_path)
 
 
 __all__ = [

@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model_state_dict
 from safetensors import safe_open
-from transformers import AutoProcessor, AutoTokenizer, PretrainedConfig, Trainer, TrainingArguments, set_seed
+from transformers import AutoTokenizer, PretrainedConfig, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
+from . import register_auto_classes
 from .configuration_mlmamba import MLMambaConfig
 from .lora import qlora_model_and_processor
 from .modeling_mlmamba import MLMambaForConditionalGeneration
@@ -100,7 +101,11 @@ def prepare_training(model_args: ModelArguments, data_args: DataArguments, train
 
 def build_model_and_processor(args: ModelArguments, quantization: str | None = None):
     """A pretrained model and its processor, or a new model from a config file (with `--config_overrides`
-    merged in) and a tokenizer. The config is checked before any weight is loaded or initialised."""
+    merged in) and a tokenizer. The config is checked before any weight is loaded or initialised.
+
+    ML-Mamba is registered with transformers' Auto classes first, as importing this module alone does not do it: a
+    saved processor names its parts through them, and the saved outputs carry the model code only when registered."""
+    register_auto_classes()
     if (args.model_name_or_path is None) == (args.config_file is None):
         raise ValueError("pass exactly one of --model_name_or_path and --config_file")
     if quantization is not None and args.model_name_or_path is None:
@@ -112,7 +117,7 @@ def build_model_and_processor(args: ModelArguments, quantization: str | None = N
         if quantization is not None:
             return qlora_model_and_processor(args.model_name_or_path, quantization)
         model = MLMambaForConditionalGeneration.from_pretrained(args.model_name_or_path)
-        return model, AutoProcessor.from_pretrained(args.model_name_or_path)
+        return model, MLMambaProcessor.from_pretrained(args.model_name_or_path)
     if args.tokenizer is None:
         raise ValueError("--config_file needs --tokenizer: a new model still needs its tokenizer")
     config = MLMambaConfig.from_json_file(args.config_file)

@@ -1,19 +1,30 @@
 """LoRA with peft: adapters sit on exactly the language model's Mamba-2 projections, every forward path (training,
 prefill, decode step) goes through them, and a trained adapter saves, reloads and merges into the same model."""
 
+import importlib.util
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_example, tiny_model, tiny_processor, tiny_tokenizer
+from conftest import REPOSITORY, load_example, tiny_model, tiny_processor, tiny_tokenizer
 from peft import PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from PIL import Image
 
-from modeling_mlmamba import MLMambaConfig, MLMambaForConditionalGeneration, MLMambaProcessor, training_run
+from modeling_mlmamba import (
+    DEFAULT_MODEL,
+    MLMambaConfig,
+    MLMambaForConditionalGeneration,
+    MLMambaProcessor,
+    training_run,
+)
 from modeling_mlmamba.lora import LANGUAGE_MODEL_PROJECTIONS, lora_config
+from modeling_mlmamba.shapes_vqa import write_dataset
 from modeling_mlmamba.training import MLMambaDataCollator
 
 COLORS = ("red", "green", "blue", "yellow")
@@ -250,3 +261,29 @@ def test_lora_example_refuses_a_checkpoint_of_another_rank_before_any_step(lora_
     with pytest.raises(ValueError, match="cannot resume from .*checkpoint-1: it holds another model \\(r: 4 in the "
                                          "checkpoint, 8 now"):
         lora_example.main(args)
+
+
+@pytest.mark.parametrize("flags", [pytest.param([], id="lora"), pytest.param(["--quantization"], id="qlora", marks=(
+    pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")))])
+def test_lora_example_runs_as_a_script_on_a_folder_that_ships_its_code(flags, tmp_path):
+    """As users run it: a fresh process, where nothing has registered ML-Mamba with transformers' Auto classes, on
+    the default model's folder, whose processor config maps `AutoProcessor` to code copied into the folder (as a
+    converted or Hub checkpoint's does); with `--quantization`, on its bitsandbytes 4-bit LM (NF4). The merged
+    model's folder carries the model code too."""
+    write_dataset(tmp_path / "data", num_images=2, seed=0)
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, str(REPOSITORY / "examples" / "lora.py"), "--model_name_or_path", str(DEFAULT_MODEL),
+         *flags, "--data_file", str(tmp_path / "data" / "train.json"), "--image_folder", str(tmp_path / "data"),
+         "--output_dir", str(run), "--merge", "--max_steps", "1", "--per_device_train_batch_size", "2", "--use_cpu",
+         "--report_to", "none", "--dataloader_num_workers", "0"],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": f"{REPOSITORY}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+             "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (run / "adapter_model.safetensors").is_file() and (run / "processor_config.json").is_file()
+    merged_config = json.loads((run / "merged" / "config.json").read_text())
+    auto_class = merged_config["auto_map"]["AutoModelForImageTextToText"]
+    assert auto_class == "modeling_mlmamba.MLMambaForConditionalGeneration"
+    assert (run / "merged" / "modeling_mlmamba.py").is_file()
