@@ -11,12 +11,13 @@ quantization_config=...)`, as a user would. Per format:
 Every model loads in bf16. Prints a table last and writes everything to --json.
 
 With --shapes-vqa it measures quality instead, on any device (a CPU too): per question type, the exact match of the
-embedded default model (`modeling_mlmamba.DEFAULT_MODEL`, saved in float32) on every question of the held-out
-shapes-vqa scenes, unquantized and in each format.
+embedded default model (`modeling_mlmamba.DEFAULT_MODEL`, saved in float32; loaded in --dtype) on every question
+of the held-out shapes-vqa scenes, unquantized and in each format.
 
     python benchmarks/benchmark_quantization.py --json quantization.json
     python benchmarks/benchmark_quantization.py --formats torchao-int8 torchao-float8 --json quick.json
     python benchmarks/benchmark_quantization.py --shapes-vqa --device cpu --formats torchao-int8 --json quality.json
+    python benchmarks/benchmark_quantization.py --shapes-vqa --dtype bfloat16 --formats torchao-int4 --json q.json
 """
 
 import argparse
@@ -34,7 +35,12 @@ import torch
 import transformers
 
 from modeling_mlmamba import DEFAULT_MODEL, MLMambaConfig, MLMambaForConditionalGeneration, MLMambaProcessor
-from modeling_mlmamba.quantization import QUANTIZATION_FORMATS, graph_capturable, quantization_config
+from modeling_mlmamba.quantization import (
+    QUANTIZATION_FORMATS,
+    check_gpu_only_format,
+    graph_capturable,
+    quantization_config,
+)
 from modeling_mlmamba.shapes_vqa import EVAL_IMAGES, EVAL_SEED, evaluate
 
 BASELINE = "unquantized"
@@ -42,20 +48,16 @@ IMAGE_TOKENS = 729
 TEXT_TOKENS = 31
 
 
-def check_formats(formats: list[str], device: torch.device) -> None:
-    """Stop before any work when a format's library is missing or the GPU cannot run it."""
+def check_formats(formats: list[str], device: torch.device, dtype: torch.dtype) -> None:
+    """Stop before any work when a format's library is missing or the load would refuse it on `device` in
+    `dtype` (the model's own check, `check_gpu_only_format`)."""
     for name in formats:
         if name == BASELINE:
             continue
         try:
-            quantization_config(name)
-        except ImportError as error:
+            check_gpu_only_format(quantization_config(name), device_map=device, dtype=lambda: dtype)
+        except (ImportError, ValueError) as error:
             sys.exit(f"--formats {name}: {error}")
-        if name == "torchao-float8-dynamic" and (
-            device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9)
-        ):
-            sys.exit(f"--formats {name}: float8 matmuls need a CUDA GPU of compute capability >= 8.9; "
-                     f"--device is {device}")
 
 
 def save_random_model(folder: str, config: MLMambaConfig, device: torch.device) -> None:
@@ -159,11 +161,11 @@ def table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def shapes_vqa_scores(name: str, device: torch.device) -> dict:
-    """Exact match (%) per question type of the embedded default model in format `name`."""
-    config = None if name == BASELINE else quantization_config(name, compute_dtype=torch.float32)
+def shapes_vqa_scores(name: str, device: torch.device, dtype: torch.dtype) -> dict:
+    """Exact match (%) per question type of the embedded default model in format `name`, loaded in `dtype`."""
+    config = None if name == BASELINE else quantization_config(name, compute_dtype=dtype)
     model = MLMambaForConditionalGeneration.from_pretrained(
-        DEFAULT_MODEL, quantization_config=config, device_map=device
+        DEFAULT_MODEL, quantization_config=config, dtype=dtype, device_map=device
     ).eval()
     scores = evaluate(model, MLMambaProcessor.from_pretrained(DEFAULT_MODEL), num_images=EVAL_IMAGES, seed=EVAL_SEED)
     return {"format": name, **{kind: 100 * score for kind, score in scores.items()}}
@@ -194,6 +196,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--shapes-vqa", action="store_true", help="Measure the default model's exact match instead.")
     parser.add_argument("--device", default="cuda", help="A torch device; only --shapes-vqa runs on a CPU.")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="What --shapes-vqa loads the default model in (the speed benchmark is always bf16).")
     parser.add_argument("--json", required=True, help="Where to write the results.")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -207,19 +211,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.new_tokens < 2 or args.repeats < 1:
         sys.exit(f"--new-tokens must be >= 2 and --repeats >= 1; got {args.new_tokens} and {args.repeats}")
     formats = [BASELINE, *args.formats]
-    check_formats(formats, device)
+    dtype = getattr(torch, args.dtype) if args.shapes_vqa else torch.bfloat16
+    check_formats(formats, device, dtype)
 
     if args.shapes_vqa:
         results = []
         for name in formats:
             try:
-                results.append(shapes_vqa_scores(name, device))
+                results.append(shapes_vqa_scores(name, device, dtype))
             except Exception as error:  # recorded in the table and the JSON; the other formats still run
                 results.append({"format": name, "error": f"{type(error).__name__}: {error}"})
             print(json.dumps(results[-1]), flush=True)
         with open(args.json, "w") as file:
-            json.dump({"environment": environment(device), "images": EVAL_IMAGES, "seed": EVAL_SEED,
-                       "results": results}, file, indent=2)
+            json.dump({"environment": environment(device), "dtype": args.dtype, "images": EVAL_IMAGES,
+                       "seed": EVAL_SEED, "results": results}, file, indent=2)
         print(scores_table(results))
         return results
 

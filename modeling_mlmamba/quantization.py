@@ -101,6 +101,43 @@ def bitsandbytes_layers() -> tuple[type, type] | None:
     return None if bnb is None else (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
 
 
+def placement_device_types(device_map) -> set[str]:
+    """The device types that `from_pretrained(device_map=...)` puts weights on ("disk" for disk offload)."""
+    if device_map is None:
+        return {"cpu"}
+    if isinstance(device_map, str) and device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return {"cuda" if torch.cuda.is_available() else "cpu"}
+    places = device_map.values() if isinstance(device_map, dict) else [device_map]
+    return {"disk" if place == "disk" else torch.device("cuda", place).type if isinstance(place, int)
+            else torch.device(place).type for place in places}
+
+
+def check_gpu_only_format(quantization_config, device_map, dtype: Callable[[], torch.dtype]) -> None:
+    """Refuse, before any weight is read, a torchao format that computes only on a GPU when the load would put
+    weights elsewhere (transformers otherwise stops half-way through quantizing, the cause deep in a per-tensor
+    report). `dtype` gives the dtype the weights load in; it is asked only for int4, which needs bfloat16."""
+    quant_type = getattr(quantization_config, "quant_type", None)
+    kind = type(quant_type).__name__
+    float8_dynamic = kind == "Float8DynamicActivationFloat8WeightConfig"
+    int4_tiles = kind == "Int4WeightOnlyConfig" and quant_type.int4_packing_format == "tile_packed_to_4d"
+    if not (float8_dynamic or int4_tiles):
+        return
+    fix = "on a CPU choose a format that runs there (torchao-int8, torchao-float8, bitsandbytes)"
+    if not torch.cuda.is_available():
+        raise ValueError(f"torchao's {kind} computes on CUDA GPUs only, and this machine has none: {fix}")
+    places = placement_device_types(device_map)
+    if "cuda" not in places:  # with some weights on a GPU, transformers quantizes offloaded ones there too
+        raise ValueError(f"torchao's {kind} computes on CUDA GPUs only, but device_map={device_map!r} puts every "
+                         f"weight on {', '.join(sorted(places))}: load with device_map='cuda', {fix}")
+    if float8_dynamic and torch.cuda.get_device_capability() < (8, 9):
+        raise ValueError(f"torchao's {kind} needs a GPU of compute capability 8.9 or later (its float8 matrix "
+                         f"products), but this GPU's is {torch.cuda.get_device_capability()}: use torchao-float8 "
+                         "(weight-only) or torchao-int8 here")
+    if int4_tiles and dtype() != torch.bfloat16:
+        raise ValueError(f"torchao's {kind} in the tile_packed_to_4d layout (tinygemm) takes bfloat16 weights only, "
+                         f"but this load is in {dtype()}: pass dtype=torch.bfloat16")
+
+
 def keep_4bit_layers_unpacked(model: torch.nn.Module) -> None:
     """Keep bitsandbytes' 4-bit layers in their saved layout when they run on a CPU.
 

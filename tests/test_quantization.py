@@ -20,6 +20,7 @@ from transformers import BitsAndBytesConfig
 
 from modeling_mlmamba import (
     DEFAULT_MODEL,
+    MLMambaConfig,
     MLMambaForConditionalGeneration,
     MLMambaModel,
     MLMambaProcessor,
@@ -28,7 +29,13 @@ from modeling_mlmamba import (
 )
 from modeling_mlmamba.gemv import is_dense_weight, reference_gemv
 from modeling_mlmamba.lora import lora_config, qlora_model_and_processor
-from modeling_mlmamba.quantization import QUANTIZATION_FORMATS, graph_capturable, quantization_config
+from modeling_mlmamba.modeling_mlmamba import loading_dtype
+from modeling_mlmamba.quantization import (
+    QUANTIZATION_FORMATS,
+    graph_capturable,
+    placement_device_types,
+    quantization_config,
+)
 from modeling_mlmamba.shapes_vqa import EVAL_IMAGES, EVAL_SEED, evaluate
 from modeling_mlmamba.training import MLMambaDataCollator
 
@@ -134,6 +141,51 @@ def test_4bit_layers_keep_their_saved_layout_on_the_cpu(saved_model, quantizatio
     assert not any(layer.support_avx512bf16_for_cpu for layer in layers)
     logits(model, image_inputs(model.config))
     assert not any(getattr(layer.weight.quant_state, "packing_format_for_cpu", False) for layer in layers)
+
+
+def test_placement_device_types_reads_every_form_of_device_map(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert placement_device_types(None) == placement_device_types("auto") == {"cpu"}
+    assert placement_device_types({"model.vision_tower": 0, "model.connector": "cpu", "lm_head": "disk"}) == {
+        "cuda", "cpu", "disk"}
+    assert placement_device_types("cuda:1") == placement_device_types(torch.device("cuda")) == {"cuda"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert placement_device_types("auto") == {"cuda"}
+
+
+def test_loading_dtype_is_the_dtype_asked_for_or_the_saved_configs(saved_model):
+    saved = MLMambaConfig.from_pretrained(saved_model).dtype or torch.float32
+    assert loading_dtype(saved_model, {}) == loading_dtype(saved_model, {"dtype": "auto"}) == saved
+    assert loading_dtype(saved_model, {"dtype": torch.bfloat16}) == torch.bfloat16
+    assert loading_dtype(saved_model, {"torch_dtype": "float16"}) == torch.float16
+    assert loading_dtype(saved_model, {"dtype": {"text_config": torch.bfloat16, "": torch.float32}}) == torch.bfloat16
+    config = MLMambaConfig.tiny(dtype=torch.float16)
+    assert loading_dtype("no-such-folder", {"config": config}) == torch.float16
+
+
+@pytest.mark.parametrize("quantization", formats("torchao-int4", "torchao-float8-dynamic"))
+def test_gpu_only_formats_are_refused_before_loading_where_they_cannot_run(saved_model, quantization, monkeypatch):
+    """Named in one line before any weight is read, not half-way through transformers' quantizing."""
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were read before the refusal")
+
+    monkeypatch.setattr(MLMambaForConditionalGeneration, "_load_pretrained_model", no_loading)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="computes on CUDA GPUs only, and this machine has none: on a CPU choose"):
+        load(saved_model, quantization)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(ValueError, match="device_map='cpu' puts every weight on cpu: load with device_map='cuda'"):
+        load(saved_model, quantization, device_map="cpu")
+    if quantization == "torchao-float8-dynamic":
+        with pytest.raises(ValueError, match=r"compute capability 8.9 or later .* this GPU's is \(8, 0\)"):
+            load(saved_model, quantization, device_map="cuda")
+    else:
+        config = quantization_config(quantization)
+        with pytest.raises(ValueError, match="takes bfloat16 weights only, but this load is in torch.float32"):
+            MLMambaForConditionalGeneration.from_pretrained(saved_model, quantization_config=config, device_map="cuda")
+        with pytest.raises(AssertionError, match="weights were read"):  # bfloat16 on a GPU: no refusal
+            load(saved_model, quantization, device_map={"": 0})
 
 
 @requires("bitsandbytes")
@@ -519,16 +571,31 @@ def test_int8_default_model_answers_within_two_points_of_full_precision():
     )
 
 
-def test_benchmark_stops_before_any_work_when_a_formats_library_is_missing(monkeypatch, tmp_path):
+def load_benchmark():
     script = ROOT / "benchmarks" / "benchmark_quantization.py"
     spec = importlib.util.spec_from_file_location("benchmark_quantization", script)
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
+    return benchmark
+
+
+def test_benchmark_stops_before_any_work_when_a_formats_library_is_missing(monkeypatch, tmp_path):
+    benchmark = load_benchmark()
     installed = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda module: None if module == "torchao" else installed(module))
     monkeypatch.setattr(benchmark, "shapes_vqa_scores", lambda *args: pytest.fail("the benchmark started measuring"))
     with pytest.raises(SystemExit, match="--formats torchao-int8: .*needs torchao.*pip install torchao"):
         benchmark.main(["--shapes-vqa", "--device", "cpu", "--formats", "torchao-int8",
+                        "--json", str(tmp_path / "quality.json")])
+    assert not (tmp_path / "quality.json").exists()
+
+
+@pytest.mark.parametrize("quantization", formats("torchao-int4", "torchao-float8-dynamic"))
+def test_benchmark_stops_before_any_work_when_the_load_would_refuse_a_format(quantization, monkeypatch, tmp_path):
+    benchmark = load_benchmark()
+    monkeypatch.setattr(benchmark, "shapes_vqa_scores", lambda *args: pytest.fail("the benchmark started measuring"))
+    with pytest.raises(SystemExit, match=f"--formats {quantization}: torchao's .* computes on CUDA GPUs only"):
+        benchmark.main(["--shapes-vqa", "--device", "cpu", "--formats", quantization,
                         "--json", str(tmp_path / "quality.json")])
     assert not (tmp_path / "quality.json").exists()
 

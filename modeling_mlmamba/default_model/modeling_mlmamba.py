@@ -28,7 +28,7 @@ from .input_checks import (
     check_token_inputs,
 )
 from .mamba2 import CausalMamba2Mixer, GatedRMSNorm, Mamba2LanguageModel, RMSNorm
-from .quantization import keep_4bit_layers_unpacked
+from .quantization import check_gpu_only_format, keep_4bit_layers_unpacked
 from .saving import check_save_directory, save_aside
 
 # transformers up to 5.2x passes a Mamba cache as `cache_params`, later releases call it `cache`; the
@@ -194,6 +194,24 @@ class MLMambaProjector(nn.Module):
 
 # The image path: everything between the pixels and the language model.
 IMAGE_PATH_MODULES = ("vision_tower", "connector", "projector")
+# `from_pretrained` arguments that say where a config is read from.
+HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+
+
+def loading_dtype(pretrained_model_name_or_path, from_pretrained_kwargs: dict) -> torch.dtype:
+    """The dtype `from_pretrained(pretrained_model_name_or_path, **from_pretrained_kwargs)` loads the language
+    model's weights in: the `dtype` (or `torch_dtype`) given, its `text_config` entry when it is a dict per
+    sub-config, or with "auto" or none the saved config's."""
+    dtype = from_pretrained_kwargs.get("dtype", from_pretrained_kwargs.get("torch_dtype"))
+    if isinstance(dtype, dict):
+        dtype = dtype.get("text_config", dtype.get("", "auto"))
+    if dtype is None or dtype == "auto":
+        config = from_pretrained_kwargs.get("config")
+        if not isinstance(config, MLMambaConfig):
+            hub_kwargs = {key: from_pretrained_kwargs[key] for key in HUB_KWARGS if key in from_pretrained_kwargs}
+            config = MLMambaConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        dtype = config.dtype or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
 class MLMambaPreTrainedModel(PreTrainedModel):
@@ -220,11 +238,14 @@ class MLMambaPreTrainedModel(PreTrainedModel):
     _is_stateful = True
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """transformers' loading; bitsandbytes' 4-bit layers then keep their saved layout on a CPU, where
-        bitsandbytes' own repacking fails on most widths and does not save back intact
-        (`quantization.keep_4bit_layers_unpacked`)."""
-        loaded = super().from_pretrained(*args, **kwargs)
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' loading, with a clear error before any weight is read for a GPU-only torchao format that
+        would land elsewhere (`quantization.check_gpu_only_format`); bitsandbytes' 4-bit layers then keep their
+        saved layout on a CPU, where bitsandbytes' own repacking fails on most widths and does not save back
+        intact (`quantization.keep_4bit_layers_unpacked`)."""
+        check_gpu_only_format(kwargs.get("quantization_config"), kwargs.get("device_map"),
+                              lambda: loading_dtype(pretrained_model_name_or_path, kwargs))
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         keep_4bit_layers_unpacked(loaded[0] if isinstance(loaded, tuple) else loaded)
         return loaded
 
