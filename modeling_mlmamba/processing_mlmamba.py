@@ -8,7 +8,7 @@ with that image's features, in order.
 """
 
 from tokenizers import AddedToken
-from transformers import ProcessorMixin
+from transformers import GenerationConfig, ProcessorMixin
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.utils.chat_template_utils import render_jinja_template
 
@@ -264,9 +264,13 @@ class MLMambaProcessor(ProcessorMixin):
         unknown = sorted(set(kwargs) - set(TEXT_KWARGS) - set(IMAGE_KWARGS))
         unknown += sorted(set(text_kwargs) - set(TEXT_KWARGS)) + sorted(set(images_kwargs) - set(IMAGE_KWARGS))
         if unknown:
+            defaults = GenerationConfig()
+            generation = [name for name in unknown if hasattr(defaults, name)]
+            advice = (f"; {generation} are generation arguments: pass them to model.generate(...), or to a pipeline "
+                      "as generate_kwargs={...}") if generation else ""
             raise TypeError(
                 f"unexpected arguments {unknown}; the processor takes images, text, tokenizer arguments {TEXT_KWARGS} "
-                f"and image processor arguments {IMAGE_KWARGS}"
+                f"and image processor arguments {IMAGE_KWARGS}{advice}"
             )
         text_kwargs.update({key: value for key, value in kwargs.items() if key in TEXT_KWARGS})
         images_kwargs.update({key: value for key, value in kwargs.items() if key in IMAGE_KWARGS})

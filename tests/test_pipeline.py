@@ -63,3 +63,15 @@ def test_batched_pipeline_answers_like_one_chat_at_a_time_and_like_generate(mode
         expected.append(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
     assert new_messages(batched) == expected
     assert any(text.strip() for text in expected)
+
+
+def test_generation_arguments_given_to_a_pipeline_say_where_they_go(model_and_processor):
+    """A pipeline hands keyword arguments it does not know to the processor: beam search asked for that way is
+    refused with the place it goes, not run as greedy decoding."""
+    model, processor = model_and_processor
+    pipe = pipeline("image-text-to-text", model=model, processor=processor)
+    chat = chats()[0]
+    with pytest.raises(TypeError, match=r"\['num_beams'\] are generation arguments: .* generate_kwargs=\{\.\.\.\}"):
+        pipe(chat, max_new_tokens=2, num_beams=2)
+    outputs = pipe(chat, max_new_tokens=2, generate_kwargs={"num_beams": 2, "num_return_sequences": 2})
+    assert len(outputs) == 2
