@@ -129,13 +129,13 @@ def check_gpu_only_format(quantization_config, device_map, dtype: Callable[[], t
     if "cuda" not in places:  # with some weights on a GPU, transformers quantizes offloaded ones there too
         raise ValueError(f"torchao's {kind} computes on CUDA GPUs only, but device_map={device_map!r} puts every "
                          f"weight on {', '.join(sorted(places))}: load with device_map='cuda', {fix}")
-    if float8_dynamic and torch.cuda.get_device_capability() < (8, 9):
+    if float8_dynamic and (capability := torch.cuda.get_device_capability()) < (8, 9):
         raise ValueError(f"torchao's {kind} needs a GPU of compute capability 8.9 or later (its float8 matrix "
-                         f"products), but this GPU's is {torch.cuda.get_device_capability()}: use torchao-float8 "
-                         "(weight-only) or torchao-int8 here")
-    if int4_tiles and dtype() != torch.bfloat16:
+                         f"products), but this GPU's is {capability}: use torchao-float8 (weight-only) or "
+                         "torchao-int8 here")
+    if int4_tiles and (load_dtype := dtype()) != torch.bfloat16:
         raise ValueError(f"torchao's {kind} in the tile_packed_to_4d layout (tinygemm) takes bfloat16 weights only, "
-                         f"but this load is in {dtype()}: pass dtype=torch.bfloat16")
+                         f"but this load is in {load_dtype}: pass dtype=torch.bfloat16")
 
 
 def keep_4bit_layers_unpacked(model: torch.nn.Module) -> None:
